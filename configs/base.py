@@ -1,0 +1,94 @@
+"""Defaults shared by every experiment; experiment configs start from `base.get_config()`.
+
+Not an experiment itself: it trains the built-in data with the method's default choices
+(METHOD.md, "Choices this project makes"). Variants in `arg` (comma-separated):
+`runlocal` shrinks everything to a minute on a laptop CPU; `tiny` to seconds (tests).
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.workdir = "runs/default"
+
+    # Data: the built-in real data set (Debian's dataset-fashion-mnist), or a user's.
+    c.data = dict(
+        source="fashion_mnist",  # fashion_mnist | medmnist | folder | tfds
+        path="",                 # .npz (medmnist), folder root (folder), data_dir (tfds)
+        labels_csv="",           # folder: CSV with columns path,label (train split)
+        test_labels_csv="",      # folder: the same for the held-out test split
+        tfds_name="",
+        image_size=28,
+        channels=1,
+        mean=0.286, std=0.353,   # pixel normalisation after scaling to [0, 1]
+        num_sites=4,
+        partition="dirichlet",   # iid | dirichlet | label
+        alpha=0.5,
+        subset=0,                # > 0: use only the first `subset` training images
+    )
+
+    # The frozen head every site shares; the server never sees it.
+    c.model = dict(size="small4", patch_size=4, pos_std=0.5, dtype="float32", attention="")
+
+    # Stage 1: each site encodes its images once.
+    c.site = dict(
+        keep=0.5,            # fraction of the N patch tokens sent
+        num_samples=2,       # M encrypted samples per image
+        augment=dict(flip=True, max_shift=2, contrast=0.2),
+        batch_size=512,
+        shard_size=8192,     # images per payload shard
+        payload_dtype="float16",
+    )
+
+    # Stage 2: central distillation.
+    c.server = dict(
+        batch_size=128, epochs=2.0,
+        global_keep=0.75, local_keep=0.25, num_local=4,
+        out_dim=65536, hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True,
+        lr=5e-4, min_lr=1e-6, warmup_epochs=0.2,
+        weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0,
+        freeze_last_layer_steps=0,
+        student_temp=0.1, teacher_temp=0.04, teacher_temp_final=0.07,
+        teacher_temp_warmup_epochs=0.5,
+        teacher_momentum=0.996, center_momentum=0.9,
+        fsdp=False, checkpoint_every=200, log_every=20, keep_checkpoints=2,
+        collapse_patience=200,
+    )
+
+    # Stage 3: what a site does with the body it gets back.
+    c.downstream = dict(
+        label_fractions=(0.01, 0.1),
+        site=-1,             # -1: a labelled site drawn from the whole train split
+        batch_size=256,
+        knn_k=20, knn_temp=0.07,
+        linear_steps=500, linear_lr=1e-2,
+        finetune_epochs=10, finetune_lr=5e-4, finetune_fraction=0.01,
+        eval_batch_size=1000,
+    )
+    return apply_variants(c, arg)
+
+
+def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    """Shrinks a config by the comma-separated variants in `arg` (`runlocal`, `tiny`)."""
+    for variant in filter(None, (arg or "").split(",")):
+        if variant == "runlocal":
+            c.server.update(epochs=0.1, out_dim=4096, hidden_dim=512, checkpoint_every=50,
+                            log_every=5)
+            c.site.update(num_samples=2, batch_size=256)
+            c.downstream.update(linear_steps=200, finetune_epochs=2)
+            c.data.subset = 4000
+        elif variant == "tiny":
+            c.model.size = "tiny"
+            c.server.update(batch_size=16, epochs=1.0, out_dim=64, hidden_dim=32,
+                            bottleneck_dim=16, num_local=2, checkpoint_every=10, log_every=2,
+                            warmup_epochs=0.0)
+            c.site.update(batch_size=64, shard_size=128)
+            c.downstream.update(label_fractions=(0.5,), linear_steps=20, finetune_epochs=1,
+                                finetune_fraction=0.5, batch_size=32, eval_batch_size=100,
+                                knn_k=5)
+            c.data.subset = 256
+        else:
+            raise ValueError(f"unknown config variant {variant!r}; known: runlocal, tiny")
+    return c

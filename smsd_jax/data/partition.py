@@ -1,0 +1,132 @@
+"""Splitting one labelled data set into sites (hospitals).
+
+A partition is a list of sorted int64 index arrays, one per site, disjoint and covering
+every index. Every split is a pure function of the labels and the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+
+_DIRICHLET_TRIES = 100
+
+
+def _check(labels, num_sites: int) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be a non-empty integer array [N], got {labels.dtype}"
+                         f" {labels.shape}.")
+    if not 1 <= num_sites <= labels.size:
+        raise ValueError(f"num_sites must be in [1, {labels.size}] (the number of images),"
+                         f" got {num_sites}.")
+    return labels
+
+
+def iid_partition(labels, num_sites: int, seed: int) -> list[np.ndarray]:
+    """Uniformly random sites of (almost) equal size; labels [N] only give N."""
+    labels = _check(labels, num_sites)
+    order = np.random.default_rng(seed).permutation(labels.size)
+    return [np.sort(part) for part in np.array_split(order, num_sites)]
+
+
+def _dirichlet_once(labels: np.ndarray, num_sites: int, alpha: float,
+                    rng: np.random.Generator) -> list[np.ndarray]:
+    parts = [[] for _ in range(num_sites)]
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        shares = rng.dirichlet(np.full(num_sites, alpha))
+        cuts = np.round(np.cumsum(shares)[:-1] * members.size).astype(int)
+        for site, chunk in enumerate(np.split(members, cuts)):
+            parts[site].append(chunk)
+    return [np.sort(np.concatenate(chunks)) for chunks in parts]
+
+
+def dirichlet_partition(labels, num_sites: int, alpha: float, seed: int,
+                        min_size: int = 10) -> list[np.ndarray]:
+    """Non-IID sites: each class is spread over sites with proportions ~ Dir(alpha).
+
+    Small alpha (0.1-0.5) gives sites dominated by a few classes; large alpha tends to
+    IID. Draws again until every site holds at least `min_size` images.
+    """
+    labels = _check(labels, num_sites)
+    if alpha <= 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}.")
+    if num_sites * min_size > labels.size:
+        raise ValueError(f"{num_sites} sites x min_size {min_size} exceeds the {labels.size}"
+                         " images; lower num_sites or min_size.")
+    rng = np.random.default_rng(seed)
+    for _ in range(_DIRICHLET_TRIES):
+        parts = _dirichlet_once(labels, num_sites, alpha, rng)
+        if min(part.size for part in parts) >= min_size:
+            return parts
+    raise ValueError(
+        f"no Dirichlet(alpha={alpha}) split of {labels.size} images into {num_sites} sites"
+        f" gave every site >= {min_size} images in {_DIRICHLET_TRIES} draws; raise alpha or"
+        " lower num_sites or min_size.")
+
+
+def label_partition(labels, num_sites: int, seed: int) -> list[np.ndarray]:
+    """Each site gets all images of its own disjoint group of classes."""
+    labels = _check(labels, num_sites)
+    classes = np.unique(labels)
+    if num_sites > classes.size:
+        raise ValueError(f"label partition needs num_sites <= number of classes present"
+                         f" ({classes.size}), got {num_sites}.")
+    groups = np.array_split(np.random.default_rng(seed).permutation(classes), num_sites)
+    return [np.flatnonzero(np.isin(labels, group)) for group in groups]
+
+
+def partition(labels, kind: str, num_sites: int, seed: int, alpha: float = 0.5,
+              min_size: int = 10) -> list[np.ndarray]:
+    """Dispatches to the `kind` of split: "iid", "dirichlet" (uses alpha, min_size) or "label"."""
+    if kind == "iid":
+        return iid_partition(labels, num_sites, seed)
+    if kind == "dirichlet":
+        return dirichlet_partition(labels, num_sites, alpha, seed, min_size)
+    if kind == "label":
+        return label_partition(labels, num_sites, seed)
+    raise ValueError(f"unknown partition kind {kind!r}; use 'iid', 'dirichlet' or 'label'.")
+
+
+def save_partition(path: str, parts: list[np.ndarray], meta: dict) -> None:
+    """Writes `{"meta": meta, "sites": [[indices...], ...]}` as JSON, atomically.
+
+    Written to a temporary file in the same folder and renamed, so a reader (another
+    stage, maybe on another host) never sees a half-written file.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    content = {"meta": meta, "sites": [np.asarray(part).tolist() for part in parts]}
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".partition-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(content, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_partition(path: str) -> tuple[list[np.ndarray], dict]:
+    """Reads a file written by `save_partition`: (index arrays int64, meta)."""
+    with open(path) as f:
+        content = json.load(f)
+    if not isinstance(content, dict) or not {"meta", "sites"} <= set(content):
+        raise ValueError(f"{path} is not a partition file (needs keys 'meta' and 'sites');"
+                         " write it with save_partition.")
+    return [np.asarray(site, np.int64) for site in content["sites"]], content["meta"]
+
+
+def label_histogram(labels, parts: list[np.ndarray], num_classes: int) -> np.ndarray:
+    """Images per site and class: int64 [num_sites, num_classes]."""
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels span [{labels.min()}, {labels.max()}], outside"
+                         f" [0, {num_classes}); pass the right num_classes.")
+    return np.stack([np.bincount(labels[part], minlength=num_classes) for part in parts])

@@ -1,0 +1,425 @@
+"""Random-access image sources for grain (`grain.MapDataset.source(src)`).
+
+Every source has `__len__`, `__getitem__(i)` returning
+`{"image": uint8 [H, W, C], "label": int32 []}` with C in {1, 3}, and the attributes
+`num_classes`, `image_shape` (H, W, C), `labels` (int32 [N], so partitioning reads no
+pixels) and `name`. Nothing here downloads: every source reads files already on disk.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import gzip
+import os
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+import pydicom
+import pydicom.pixels
+from pydicom.errors import InvalidDicomError
+from PIL import Image
+
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+_DICOM_SUFFIXES = (".dcm", ".dicom")
+_MAX_LISTED = 10
+
+
+class Source(Protocol):
+    """What every source provides; records are `{"image": uint8 [H, W, C], "label": int32 []}`."""
+
+    name: str
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    labels: np.ndarray
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]: ...
+
+
+def _record(image: np.ndarray, label) -> dict[str, np.ndarray]:
+    return {"image": image, "label": np.int32(label)}
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        raise ValueError(
+            f"{where}: {bad.size} labels outside [0, {num_classes}), first at index {bad[0]}"
+            f" (label {labels[bad[0]]}); fix the labels or pass the right num_classes.")
+
+
+class ArraySource:
+    """In-memory source over `images` uint8 [N, H, W, C] (C 1 or 3) and `labels` int [N]."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int, name: str,
+                 class_names: Sequence[str] | None = None):
+        images, labels = np.asarray(images), np.asarray(labels)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+            raise ValueError(
+                f"{name}: images must be uint8 [N, H, W, C] with C 1 or 3, got {images.dtype}"
+                f" {images.shape}; add a channel axis with images[..., None] for grayscale.")
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(
+                f"{name}: labels must be integers [N], got {labels.dtype} {labels.shape}.")
+        if len(images) != len(labels):
+            raise ValueError(
+                f"{name}: {len(images)} images but {len(labels)} labels; they must match.")
+        if len(images) == 0:
+            raise ValueError(f"{name}: the data set is empty; check the file or split.")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{name}: {len(class_names)} class names for {num_classes} classes.")
+        _check_labels(labels, num_classes, name)
+        # Records are views into these arrays, which may be shared through a cache:
+        # read-only views make an in-place transform fail loudly instead of corrupting them.
+        self.images = images.view()
+        self.images.flags.writeable = False
+        self.labels = labels.astype(np.int32)
+        self.labels.flags.writeable = False
+        self.num_classes = int(num_classes)
+        self.name = name
+        self.class_names = None if class_names is None else tuple(class_names)
+        self.image_shape = tuple(images.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return _record(self.images[index], self.labels[index])
+
+
+# ---------------------------------------------------------------- Fashion-MNIST
+
+
+def _read_idx(path: str, ndim: int) -> np.ndarray:
+    """Reads a gzip IDX file of uint8 values with `ndim` dimensions (the MNIST format)."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    # Magic: two zero bytes, type 0x08 (uint8), number of dimensions.
+    if len(data) < 4 + 4 * ndim or data[:4] != bytes([0, 0, 8, ndim]):
+        raise ValueError(
+            f"{path}: not a uint8 IDX file with {ndim} dimensions (magic {data[:4].hex()});"
+            " the file is corrupt: reinstall dataset-fashion-mnist.")
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    values = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+    if values.size != np.prod(shape):
+        raise ValueError(
+            f"{path}: header says {shape} = {np.prod(shape)} values but the file holds"
+            f" {values.size}; the file is truncated: reinstall dataset-fashion-mnist.")
+    return values.reshape(shape)
+
+
+@functools.lru_cache(maxsize=4)
+def _fashion_mnist_arrays(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    # Cached: the site, server and downstream stages of one process all read it.
+    prefix = {"train": "train", "test": "t10k"}[split]
+    paths = [os.path.join(root, f"{prefix}-{kind}-idx{n}-ubyte.gz")
+             for kind, n in (("images", 3), ("labels", 1))]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found: missing {', '.join(missing)}. Install it with"
+            " `sudo apt-get install dataset-fashion-mnist` (Debian package, installs to"
+            f" {FASHION_MNIST_ROOT}) or pass root= the folder holding the IDX .gz files."
+            " Nothing is downloaded.")
+    images, labels = _read_idx(paths[0], 3), _read_idx(paths[1], 1)
+    if len(images) != len(labels):
+        raise ValueError(f"{root}: {len(images)} images but {len(labels)} labels in split"
+                         f" {split!r}; reinstall dataset-fashion-mnist.")
+    return images[..., None], labels
+
+
+def fashion_mnist(split: str = "train", root: str = FASHION_MNIST_ROOT) -> ArraySource:
+    """Fashion-MNIST from Debian's `dataset-fashion-mnist`: uint8 [N, 28, 28, 1], 10 classes.
+
+    N is 60,000 for "train" and 10,000 for "test".
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}.")
+    images, labels = _fashion_mnist_arrays(os.path.abspath(root), split)
+    return ArraySource(images, labels, 10, f"fashion_mnist/{split}", FASHION_MNIST_CLASSES)
+
+
+# ---------------------------------------------------------------- MedMNIST
+
+
+def medmnist_npz(path: str, split: str = "train") -> ArraySource:
+    """A single-label MedMNIST `.npz` (any size: 28/64/128/224; grayscale or RGB).
+
+    The file holds `{split}_images` uint8 [N, H, W] or [N, H, W, 3] and `{split}_labels`
+    [N, 1]. `num_classes` is the largest label over all splits in the file plus one, so
+    the train, val and test sources of one file agree.
+    """
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"MedMNIST split must be 'train', 'val' or 'test', got {split!r}.")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"MedMNIST file {path} not found. Copy the .npz (e.g. pneumoniamnist.npz or"
+            " pneumoniamnist_64.npz from the MedMNIST release) onto this machine; nothing is"
+            " downloaded.")
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    for key in (f"{split}_images", f"{split}_labels"):
+        if key not in arrays:
+            raise ValueError(
+                f"{path} has no array {key!r} (it has {sorted(arrays)}); a MedMNIST file holds"
+                " train/val/test _images and _labels: check the file and the split.")
+    label_keys = [k for k in arrays if k.endswith("_labels")]
+    for key in label_keys:
+        if arrays[key].ndim == 2 and arrays[key].shape[1] > 1:
+            raise ValueError(
+                f"{path}: {key} has shape {arrays[key].shape}, a multi-label task (like"
+                " ChestMNIST); only single-label classification is supported.")
+    images = arrays[f"{split}_images"]
+    if images.ndim == 3:
+        images = images[..., None]
+    labels = arrays[f"{split}_labels"].reshape(-1)
+    num_classes = 1 + max(int(arrays[k].max(initial=0)) for k in label_keys)
+    name = f"{os.path.splitext(os.path.basename(path))[0]}/{split}"
+    return ArraySource(images, labels.astype(np.int32), num_classes, name)
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    """Scales any numeric array to uint8 by its own min and max (a constant image gives 0)."""
+    values = values.astype(np.float64)
+    low, high = values.min(), values.max()
+    scale = 255.0 / (high - low) if high > low else 0.0
+    return np.round((values - low) * scale).astype(np.uint8)
+
+
+def _read_dicom(path: str) -> np.ndarray:
+    """Decodes one single-frame DICOM to uint8 [H, W] (monochrome) or [H, W, 3] (colour).
+
+    Monochrome: modality LUT (rescale slope/intercept), then VOI LUT or window
+    centre/width as the file prescribes, min/max to uint8, and MONOCHROME1 inverted so
+    that bright always means dense.
+    """
+    ds = pydicom.dcmread(path)
+    if "PixelData" not in ds:
+        raise ValueError(
+            f"{path}: DICOM has no pixel data (modality {ds.get('Modality', 'unknown')},"
+            f" SOP class {ds.get('SOPClassUID', 'unknown')}); remove it from the labels CSV.")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise ValueError(
+            f"{path}: multi-frame DICOM ({frames} frames) is not supported; export the frame"
+            " you want as its own file.")
+    try:
+        pixels = ds.pixel_array
+    except Exception as e:  # pydicom raises several types for missing codecs
+        raise ValueError(
+            f"{path}: cannot decode pixel data (transfer syntax"
+            f" {ds.file_meta.get('TransferSyntaxUID', 'unknown')}): {e}. Install a pydicom"
+            " decoder plugin (e.g. pip install pylibjpeg pylibjpeg-openjpeg) or convert the"
+            " file to an uncompressed syntax.") from e
+    photometric = ds.get("PhotometricInterpretation", "")
+    if photometric in ("MONOCHROME1", "MONOCHROME2"):
+        values = pydicom.pixels.apply_modality_lut(pixels, ds)
+        image = _to_uint8(pydicom.pixels.apply_voi_lut(values, ds))
+        return 255 - image if photometric == "MONOCHROME1" else image
+    if photometric == "PALETTE COLOR":
+        pixels = pydicom.pixels.apply_color_lut(pixels, ds)
+    # pydicom already returns YBR colour data converted to RGB.
+    return pixels if pixels.dtype == np.uint8 else _to_uint8(pixels)
+
+
+def _read_picture(path: str) -> np.ndarray:
+    """Decodes a PNG/JPEG (any PIL format) to uint8 [H, W] or [H, W, 3]."""
+    with Image.open(path) as picture:
+        if picture.mode in ("L", "RGB"):
+            return np.asarray(picture)
+        if picture.mode.startswith(("I", "F")):
+            # 16-bit and float images (common for X-rays): PIL's convert would clip at 255.
+            return _to_uint8(np.asarray(picture))
+        return np.asarray(picture.convert("RGB"))
+
+
+def load_image(path: str, image_size: int, channels: int) -> np.ndarray:
+    """Reads a PNG/JPEG/DICOM file into uint8 [image_size, image_size, channels].
+
+    The whole image is resized (bilinear, no crop) and converted gray <-> RGB as asked.
+    """
+    try:
+        is_dicom = path.lower().endswith(_DICOM_SUFFIXES)
+        pixels = _read_dicom(path) if is_dicom else _read_picture(path)
+    except (OSError, InvalidDicomError) as e:
+        raise ValueError(f"{path}: cannot read the image ({e}); fix or remove the file.") from e
+    picture = Image.fromarray(pixels).convert("L" if channels == 1 else "RGB")
+    picture = picture.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return np.asarray(picture).reshape(image_size, image_size, channels)
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _parse_labels(raw: list[str], class_names: Sequence[str] | None,
+                  where: str) -> tuple[np.ndarray, tuple[str, ...] | None, int]:
+    """CSV label strings -> (ids int32 [N], class names or None, num_classes).
+
+    All integers: they are the ids. Otherwise they are class names, numbered in sorted
+    order, or in the order of `class_names` when given.
+    """
+    integers = all(_is_int(s) for s in raw)
+    names = tuple(class_names) if class_names is not None else (
+        None if integers else tuple(sorted(set(raw))))
+    if integers:
+        ids = np.array([int(s) for s in raw], np.int32)
+    else:
+        index = {name: i for i, name in enumerate(names)}
+        unknown = sorted(set(raw) - set(index))
+        if unknown:
+            raise ValueError(
+                f"{where}: labels {unknown[:_MAX_LISTED]} are not in class_names {names}.")
+        ids = np.array([index[s] for s in raw], np.int32)
+    num_classes = len(names) if names is not None else int(ids.max()) + 1
+    _check_labels(ids, num_classes, where)
+    return ids, names, num_classes
+
+
+class ImageFolderSource:
+    """Lazy source over image files listed in a CSV; decodes on `__getitem__`.
+
+    Records: `{"image": uint8 [image_size, image_size, channels], "label": int32 []}`.
+    """
+
+    def __init__(self, root: str, labels_csv: str, image_size: int, channels: int = 1,
+                 class_names: Sequence[str] | None = None):
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}.")
+        if image_size < 1:
+            raise ValueError(f"image_size must be positive, got {image_size}.")
+        rows = self._read_csv(labels_csv)
+        self.paths = [os.path.join(root, path) for path, _ in rows]
+        missing = [p for p in self.paths if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(
+                f"{labels_csv}: {len(missing)} of {len(rows)} listed files do not exist under"
+                f" {root}: {missing[:_MAX_LISTED]}{' ...' if len(missing) > _MAX_LISTED else ''};"
+                " fix the paths (relative to root) or remove the rows.")
+        self.labels, self.class_names, self.num_classes = _parse_labels(
+            [label for _, label in rows], class_names, labels_csv)
+        self.labels.flags.writeable = False
+        self.image_shape = (image_size, image_size, channels)
+        self.name = os.path.splitext(os.path.basename(labels_csv))[0]
+
+    @staticmethod
+    def _read_csv(labels_csv: str) -> list[tuple[str, str]]:
+        if not os.path.isfile(labels_csv):
+            raise FileNotFoundError(f"labels CSV {labels_csv} not found.")
+        # utf-8-sig: spreadsheet programs often start a CSV with a byte-order mark.
+        with open(labels_csv, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
+                raise ValueError(
+                    f"{labels_csv}: needs a header row with columns 'path' and 'label', got"
+                    f" {reader.fieldnames}.")
+            rows = [((row["path"] or "").strip(), (row["label"] or "").strip()) for row in reader]
+        empty = [i + 2 for i, (path, label) in enumerate(rows) if not path or not label]
+        if empty:
+            raise ValueError(f"{labels_csv}: empty path or label on lines {empty[:_MAX_LISTED]}.")
+        if not rows:
+            raise ValueError(f"{labels_csv}: no rows after the header; list at least one image.")
+        return rows
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        height, _, channels = self.image_shape
+        return _record(load_image(self.paths[index], height, channels), self.labels[index])
+
+
+def image_folder(root: str, labels_csv: str, image_size: int, channels: int = 1,
+                 class_names: Sequence[str] | None = None) -> ImageFolderSource:
+    """Folder of PNG/JPEG/DICOM files with a CSV `path,label` (paths relative to `root`).
+
+    Labels are integer ids, or class names mapped to ids in sorted order (or in the
+    order of `class_names`, which sites pass so that they all agree on the ids).
+    """
+    return ImageFolderSource(root, labels_csv, image_size, channels, class_names)
+
+
+# ---------------------------------------------------------------- TFDS
+
+
+class TfdsSource:
+    """Wraps a `tfds.data_source` (array_record, no TensorFlow) into the common record."""
+
+    def __init__(self, data_source, name: str, num_classes: int,
+                 image_shape: tuple[int, int, int], image_key: str, label_key: str):
+        self._data_source = data_source
+        self._image_key, self._label_key = image_key, label_key
+        self.name, self.num_classes, self.image_shape = name, num_classes, image_shape
+
+    def __len__(self) -> int:
+        return len(self._data_source)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        record = self._data_source[index]
+        image = np.asarray(record[self._image_key], np.uint8).reshape(self.image_shape)
+        return _record(image, record[self._label_key])
+
+    @functools.cached_property
+    def labels(self) -> np.ndarray:
+        """int32 [N]. Costs one pass that decodes every image: TFDS cannot skip the image
+        feature without TensorFlow. Computed on first use and kept."""
+        labels = np.array([self._data_source[i][self._label_key] for i in range(len(self))],
+                          np.int32)
+        _check_labels(labels, self.num_classes, self.name)
+        return labels
+
+
+def tfds_source(name: str, split: str, data_dir: str | None = None, image_key: str = "image",
+                label_key: str = "label") -> TfdsSource:
+    """A TFDS data set already prepared in array_record format under `data_dir`.
+
+    Never downloads. Prepare it where there is network with
+    `tfds build NAME --file_format=array_record --data_dir=DIR` and copy DIR here.
+    """
+    import tensorflow_datasets as tfds  # optional dependency, heavy to import
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(
+            f"TFDS has no data set {name!r} (neither registered nor prepared under"
+            f" data_dir={data_dir}); check the name and data_dir.") from None
+    try:
+        data_source = builder.as_data_source(split=split)
+    except Exception as e:  # TFDS raises many types here; the usual cause is checked below
+        if builder.is_prepared():
+            raise
+        raise FileNotFoundError(
+            f"TFDS data set {name!r} is not prepared under {builder.data_dir}. Nothing is"
+            f" downloaded: on a machine with network run `tfds build {name}"
+            " --file_format=array_record --data_dir=DIR`, copy DIR here and pass data_dir=DIR."
+        ) from e
+    features = builder.info.features
+    for key in (image_key, label_key):
+        if key not in features:
+            raise ValueError(f"TFDS {name!r} has no feature {key!r} (it has {list(features)});"
+                             " pass image_key= and label_key=.")
+    shape = tuple(features[image_key].shape)
+    dtype = getattr(features[image_key], "np_dtype", None)
+    if dtype != np.uint8 or len(shape) != 3 or None in shape or shape[-1] not in (1, 3):
+        raise ValueError(f"TFDS {name!r} images are {dtype} {shape}; only fixed-size uint8"
+                         " [H, W, 1|3] images are supported: use image_folder otherwise.")
+    num_classes = getattr(features[label_key], "num_classes", None)
+    if num_classes is None:
+        raise ValueError(f"TFDS {name!r} feature {label_key!r} is not a ClassLabel; pass a"
+                         " label_key that is.")
+    return TfdsSource(data_source, f"{name}/{split}", num_classes, shape, image_key, label_key)

@@ -1,0 +1,229 @@
+"""The split Vision Transformer: a site's head, the server's order-blind body, and tails.
+
+`ViTHead` turns images into tokens (patch embedding + position embedding); it is the only
+part that knows where a token came from. `ViTBody` takes any set of tokens `[batch, K, dim]`
+and has no position-dependent part, so it is permutation-equivariant (METHOD.md).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# dim, depth, heads. "tiny" is for tests; "small4" is the built-in data's model (METHOD.md).
+PRESETS = {
+    "tiny": dict(dim=32, depth=2, heads=2),
+    "small4": dict(dim=128, depth=4, heads=4),
+    "Ti": dict(dim=192, depth=12, heads=3),
+    "S": dict(dim=384, depth=12, heads=6),
+    "B": dict(dim=768, depth=12, heads=12),
+}
+
+
+def preset(name: str) -> dict:
+    """`{"dim", "depth", "heads"}` of a named ViT size."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown ViT size {name!r}; choose one of {sorted(PRESETS)}")
+    return dict(PRESETS[name])
+
+
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+    """`[B, H, W, C]` -> `[B, (H/p)*(W/p), p*p*C]`, patches in row-major grid order.
+
+    Each patch is flattened in (row, column, channel) order, the order of a `[p, p, C, D]`
+    convolution kernel, so a `Dense` over patches equals a stride-`p` convolution.
+    """
+    b, h, w, c = images.shape
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"image size {h}x{w} is not divisible by patch size {patch_size}")
+    x = images.reshape(b, h // patch_size, patch_size, w // patch_size, patch_size, c)
+    x = x.transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // patch_size) * (w // patch_size), patch_size * patch_size * c)
+
+
+class ViTHead(nn.Module):
+    """A site's head: tokens `t_i = W x_i + P_i` for all `N` patches of an image.
+
+    Attributes:
+      image_size: height = width of the images.
+      patch_size: side of a square patch.
+      dim: token width `D`.
+      pos_std: standard deviation of the position embedding at init. ViT's usual 0.02 is
+        drowned by patch content; 0.5 keeps position visible on normalised pixels.
+    """
+    image_size: int
+    patch_size: int
+    dim: int
+    pos_std: float = 0.5
+    dtype: jnp.dtype = jnp.float32
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        """images `[B, H, W, C]` (C = 1 or 3) -> tokens `[B, N, D]`."""
+        if images.ndim != 4 or images.shape[1:3] != (self.image_size, self.image_size):
+            raise ValueError(f"images of shape {images.shape} do not match the head: expected "
+                             f"[batch, {self.image_size}, {self.image_size}, channels]")
+        patches = patchify(images.astype(self.dtype), self.patch_size)
+        tokens = nn.Dense(self.dim, dtype=self.dtype, name="patch_embed")(patches)
+        pos = self.param("pos_embed", nn.initializers.normal(self.pos_std),
+                         (self.num_patches, self.dim))
+        return tokens + pos.astype(self.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over a set of tokens; no position bias of any kind."""
+    dim: int
+    heads: int
+    dtype: jnp.dtype = jnp.float32
+    implementation: str | None = None  # jax.nn.dot_product_attention's: None, "xla", "cudnn".
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, t, _ = x.shape
+        qkv = nn.Dense(3 * self.dim, dtype=self.dtype, name="qkv")(x)
+        q, k, v = jnp.split(qkv.reshape(b, t, 3, self.heads, self.dim // self.heads), 3, axis=2)
+        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # [B, T, heads, head_dim]
+        if self.is_mutable_collection("intermediates"):
+            # Asked for attention maps: the explicit form, which exposes the weights.
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+            weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+            self.sow("intermediates", "attention", weights)
+            out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        return nn.Dense(self.dim, dtype=self.dtype, name="proj")(out.reshape(b, t, self.dim))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: every op but attention acts on each token alone."""
+    dim: int
+    heads: int
+    mlp_ratio: float = 4.0
+    dtype: jnp.dtype = jnp.float32
+    attention: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
+        x = x + Attention(self.dim, self.heads, self.dtype, self.attention, name="attn")(y)
+        y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
+        y = nn.Dense(int(self.mlp_ratio * self.dim), dtype=self.dtype, name="fc1")(y)
+        y = nn.Dense(self.dim, dtype=self.dtype, name="fc2")(nn.gelu(y, approximate=False))
+        return x + y
+
+
+class ViTBody(nn.Module):
+    """The server's body: class token + transformer blocks + final norm, blind to token order.
+
+    Takes any number `K` of tokens. With no position embedding, grid or order-dependent op,
+    the class feature is invariant and the token features are equivariant under any
+    permutation of the input tokens. Attention maps: `apply(..., mutable=["intermediates"])`.
+    """
+    dim: int
+    depth: int
+    heads: int
+    mlp_ratio: float = 4.0
+    dtype: jnp.dtype = jnp.float32
+    attention: str | None = None
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """tokens `[B, K, D]` -> (class feature `[B, D]`, token features `[B, K, D]`)."""
+        if tokens.ndim != 3 or tokens.shape[-1] != self.dim:
+            raise ValueError(f"tokens of shape {tokens.shape} do not fit a body of width "
+                             f"{self.dim}: expected [batch, tokens, {self.dim}]")
+        cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, self.dim))
+        cls = jnp.broadcast_to(cls, (tokens.shape[0], 1, self.dim))
+        x = jnp.concatenate([cls, tokens], axis=1).astype(self.dtype)
+        for i in range(self.depth):
+            x = Block(self.dim, self.heads, self.mlp_ratio, self.dtype, self.attention,
+                      name=f"block{i}")(x)
+        x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+        return x[:, 0], x[:, 1:]
+
+
+class DINOHead(nn.Module):
+    """DINO projection head: MLP, L2-normalise, weight-normalised last linear layer.
+
+    Attributes:
+      out_dim: number of prototypes (65,536 in DINO).
+      norm_last_layer: if True the last layer's norm is fixed at 1 (no `last_layer_g`).
+    """
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    num_layers: int = 3
+    norm_last_layer: bool = True
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """features `[B, D]` -> logits `[B, out_dim]` (float32)."""
+        dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name,
+                                         kernel_init=nn.initializers.truncated_normal(0.02))
+        for i in range(self.num_layers - 1):
+            x = nn.gelu(dense(self.hidden_dim, f"mlp{i}")(x), approximate=False)
+        x = dense(self.bottleneck_dim, f"mlp{self.num_layers - 1}")(x)
+        x = x.astype(jnp.float32)
+        x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+        v = self.param("last_layer_v", nn.initializers.truncated_normal(0.02),
+                       (self.bottleneck_dim, self.out_dim))
+        w = v / jnp.linalg.norm(v, axis=0, keepdims=True)
+        if not self.norm_last_layer:
+            w = w * self.param("last_layer_g", nn.initializers.ones, (self.out_dim,))
+        return jnp.dot(x.astype(self.dtype), w.astype(self.dtype)).astype(jnp.float32)
+
+
+class DINONet(nn.Module):
+    """What the server trains (student) and averages (teacher): body + DINO head."""
+    body: ViTBody
+    dino_head: DINOHead
+
+    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """tokens `[B, K, D]` -> (logits `[B, out_dim]`, class feature `[B, D]`)."""
+        feature, _ = self.body(tokens)
+        return self.dino_head(feature), feature
+
+
+class ViTClassifier(nn.Module):
+    """A site's full model for its task: own head + trained body + classification tail."""
+    head: ViTHead
+    body: ViTBody
+    num_classes: int
+
+    def setup(self):
+        self.tail = nn.Dense(self.num_classes)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        """images `[B, H, W, C]` -> logits `[B, num_classes]` (float32)."""
+        return self.tail(self.features(images))
+
+    def features(self, images: jax.Array) -> jax.Array:
+        """images `[B, H, W, C]` -> class features `[B, D]` (for linear probes and k-NN)."""
+        feature, _ = self.body(self.head(images))
+        return feature.astype(jnp.float32)
+
+
+def head_from_config(config) -> ViTHead:
+    """The consortium's head for `config.data` images and `config.model`."""
+    return ViTHead(image_size=config.data.image_size, patch_size=config.model.patch_size,
+                   dim=preset(config.model.size)["dim"], pos_std=config.model.pos_std)
+
+
+def body_from_config(config) -> ViTBody:
+    """The body of `config.model`, computing in `config.model.dtype`."""
+    return ViTBody(**preset(config.model.size), dtype=jnp.dtype(config.model.dtype),
+                   attention=config.model.attention or None)
+
+
+def dino_net_from_config(config) -> DINONet:
+    """Student / teacher network of `config.server`: body + DINO head."""
+    s = config.server
+    head = DINOHead(out_dim=s.out_dim, hidden_dim=s.hidden_dim, bottleneck_dim=s.bottleneck_dim,
+                    norm_last_layer=s.norm_last_layer, dtype=jnp.dtype(config.model.dtype))
+    return DINONet(body=body_from_config(config), dino_head=head)

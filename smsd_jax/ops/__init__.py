@@ -1,0 +1,15 @@
+"""Pure functional ops of SMSD: masked sampling, permutation encryption, DINO math.
+
+No Flax, no I/O. Every function is `jit`/`vmap`-safe and keyed by `jax.random` keys.
+
+    import jax, smsd_jax.ops as ops
+    sent, positions = ops.encrypt(jax.random.key(0), tokens, keep=0.5)  # [B, N, D] -> [B, K, D]
+"""
+
+from smsd_jax.ops.dino import dino_loss, ema, linear_warmup, teacher_entropy, update_center, warmup_cosine
+from smsd_jax.ops.masking import encrypt, mask_sample, num_kept, permute, unpermute
+
+__all__ = [
+    "dino_loss", "ema", "encrypt", "linear_warmup", "mask_sample", "num_kept", "permute",
+    "teacher_entropy", "unpermute", "update_center", "warmup_cosine",
+]
