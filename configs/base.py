@@ -40,6 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         batch_size=512,
         shard_size=8192,     # images per payload shard
         payload_dtype="float16",
+        secret_seed=-1,      # -1: drawn from the OS once and kept at the site
     )
 
     # Stage 2: central distillation.
@@ -53,6 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         student_temp=0.1, teacher_temp=0.04, teacher_temp_final=0.07,
         teacher_temp_warmup_epochs=0.5,
         teacher_momentum=0.996, center_momentum=0.9,
+        num_devices=0,       # 0: every visible device
         fsdp=False, checkpoint_every=200, log_every=20, keep_checkpoints=2,
         collapse_patience=200,
     )

@@ -1,0 +1,24 @@
+r"""Quickstart: the whole single round on the built-in data, on a 2-core CPU.
+
+Command (from a fresh clone; installs, then runs):
+    bash launch/setup.sh && python3 -m launch.main --config=configs/quickstart.py --mode=simulate
+
+Data: Fashion-MNIST (Debian's dataset-fashion-mnist: 60,000 real 28x28 train images, 10,000
+test), split over 4 non-IID sites (Dirichlet alpha 0.5 over labels). Head: patch 4 -> 49
+tokens of width 128, position embedding std 0.5. Sites: M = 2 samples per image, keep 0.5
+(24 of 49 tokens). Server: ViT depth 4, width 128, 4 heads; DINO out_dim 1024; batch 128.
+Hardware: 2 CPU cores. Expected time and result: see README (measured, not assumed).
+
+Variants: `:runlocal` (a minute), `:tiny` (seconds; tests).
+"""
+
+from configs import base
+
+
+def get_config(arg: str | None = None):
+    c = base.get_config()
+    c.workdir = "runs/quickstart"
+    c.server.update(batch_size=128, epochs=2.0, out_dim=1024, hidden_dim=512,
+                    bottleneck_dim=256, num_local=2, lr=1e-3, warmup_epochs=0.2,
+                    teacher_temp_warmup_epochs=0.5, checkpoint_every=200, log_every=20)
+    return base.apply_variants(c, arg)

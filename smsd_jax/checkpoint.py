@@ -1,0 +1,105 @@
+"""Artifacts between stages, on disk: Orbax pytrees with a JSON sidecar, written atomically.
+
+An artifact is a folder `<path>/` holding `tree/` (an Orbax checkpoint) and `meta.json`. It is
+built under a temporary name beside `<path>` and renamed into place, so a reader sees either
+the old complete artifact or the new complete one, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+TREE, META = "tree", "meta.json"
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes `text` to a temporary file beside `path`, then renames it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Writes JSON atomically (see `write_text`)."""
+    write_text(path, json.dumps(obj, indent=1, sort_keys=True))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the file is damaged: write it again"
+                         ) from e
+
+
+def tree_checksum(tree: Any) -> str:
+    """sha256 over the shapes, dtypes and bytes of every leaf, in tree order."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        leaf = np.asarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}|{leaf.shape}|{leaf.dtype}|".encode())
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    return digest.hexdigest()
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Moves the finished folder `tmp` to `path`, keeping the old one until the new is in place."""
+    old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old") if path.exists() else None
+    if old:
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_artifact(path: str | os.PathLike, tree: Any, meta: dict) -> None:
+    """Saves `tree` (arrays) and `meta` (JSON-able; gets a `checksum` of the tree) at `path`."""
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tree = jax.tree.map(np.asarray, jax.device_get(tree))
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(tmp / TREE, tree)
+    write_json(tmp / META, {**meta, "checksum": tree_checksum(tree)})
+    _replace_dir(tmp, path)
+
+
+def load_meta(path: str | os.PathLike) -> dict:
+    """The `meta.json` of the artifact at `path`."""
+    path = Path(path)
+    if not (path / META).is_file():
+        raise FileNotFoundError(f"{path} is not an artifact of this project (no {META}); "
+                                "check the path, or run the stage that writes it")
+    return read_json(path / META)
+
+
+def load_artifact(path: str | os.PathLike) -> tuple[Any, dict]:
+    """Restores `(tree, meta)` as NumPy arrays and checks the tree against its checksum."""
+    path = Path(path).absolute()
+    meta = load_meta(path)
+    with ocp.StandardCheckpointer() as ckpt:
+        target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), ckpt.metadata(path / TREE)
+                              .item_metadata)
+        tree = ckpt.restore(path / TREE, target)
+    if tree_checksum(tree) != meta["checksum"]:
+        raise ValueError(f"{path}: the arrays do not match the checksum in {META}; the artifact "
+                         "is damaged: copy or write it again")
+    return tree, meta

@@ -1,0 +1,446 @@
+"""Stage 3, at a site, after: what a site does with the body it gets back.
+
+The site joins its own head, the body and a fresh classification tail into a `ViTClassifier`
+and measures the body on its labelled data in a low-label regime: a linear probe and DINO's
+weighted k-NN on frozen class features, and a full fine-tune (METHOD.md, "What must be
+measured"). Raw pixels and a randomly initialised body are the baselines on the same subsets.
+
+Pure math first (`label_subset`, `macro_auc`, `knn_classify`, `linear_probe`, ...), then the
+stage functions that read data through grain (`extract_features`, `finetune`,
+`evaluate_body`, ...), then the results table.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import scipy.stats
+
+from smsd_jax import consortium, data, models, ops
+
+# Images per batch when reading raw pixels (no model runs on them, so only memory matters).
+_PIXEL_BATCH = 1024
+
+
+# ---------------------------------------------------------------- pure math
+
+
+def label_subset(labels, fraction: float, seed: int) -> np.ndarray:
+    """A stratified random subset of `labels [N]`: sorted positions into `labels`, int64.
+
+    Each class present keeps `round(fraction * count)` of its members, at least one. The draw
+    depends only on `seed`, not on `fraction`, so for one seed the subset of a smaller
+    fraction is contained in that of a larger one (features extracted for the largest serve
+    all).
+
+    Raises:
+      ValueError: `fraction` outside (0, 1], or labels not a non-empty integer array.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be a non-empty integer array [N], got {labels.dtype} "
+                         f"{labels.shape}")
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        chosen.append(members[:max(1, round(fraction * members.size))])
+    return np.sort(np.concatenate(chosen))
+
+
+def macro_auc(scores, labels) -> float:
+    """Macro one-vs-rest ROC AUC of `scores [n, C]` for integer `labels [n]`.
+
+    Per class, the Mann-Whitney form: the probability that a random positive scores above a
+    random negative, ties counting one half (average ranks). Classes absent from `labels`
+    have no positives and are skipped; NaN when no class has both positives and negatives.
+    """
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels)
+    if scores.ndim != 2 or labels.shape != scores.shape[:1]:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} must be [n, C], [n]")
+    aucs = []
+    for c in np.unique(labels):
+        positive = labels == c
+        n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+        if n_neg == 0:
+            continue
+        ranks = scipy.stats.rankdata(scores[:, c])  # ties share their average rank
+        aucs.append((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def accuracy(scores, labels) -> float:
+    """Fraction of rows of `scores [n, C]` whose largest entry is at `labels [n]`."""
+    return float(np.mean(np.argmax(np.asarray(scores), axis=-1) == np.asarray(labels)))
+
+
+def evaluate_scores(scores, labels) -> dict:
+    """`{"accuracy", "auc"}` (Python floats) of `scores [n, C]` against `labels [n]`."""
+    return {"accuracy": accuracy(scores, labels), "auc": macro_auc(scores, labels)}
+
+
+def _l2_normalise(x: jax.Array) -> jax.Array:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "k", "chunk_size"))
+def _knn_scores(train_feats, train_labels, test_feats, temp, *, num_classes, k, chunk_size):
+    train = _l2_normalise(train_feats)
+    n, dim = test_feats.shape
+    chunks = jnp.pad(_l2_normalise(test_feats), ((0, -n % chunk_size), (0, 0)))
+
+    def one_chunk(queries):  # [chunk, D] -> [chunk, C]; only [chunk, n_train] sims in memory
+        top, neighbours = jax.lax.top_k(queries @ train.T, k)
+        # softmax = exp(sim / temp) normalised over the k neighbours: DINO's weights, stable
+        # for small temp, and comparable across test images (which AUC needs).
+        weights = jax.nn.softmax(top / temp, axis=-1)
+        votes = jax.nn.one_hot(train_labels[neighbours], num_classes, dtype=weights.dtype)
+        return jnp.einsum("qk,qkc->qc", weights, votes)
+
+    scores = jax.lax.map(one_chunk, chunks.reshape(-1, chunk_size, dim))
+    return scores.reshape(-1, num_classes)[:n]
+
+
+def knn_classify(train_feats, train_labels, test_feats, *, num_classes: int, k: int = 20,
+                 temp: float = 0.07, chunk_size: int = 256) -> np.ndarray:
+    """DINO's weighted k-NN on cosine similarity: scores `[n_test, num_classes]`.
+
+    Args:
+      train_feats: `[n_train, D]`; train_labels: int `[n_train]`; test_feats: `[n_test, D]`.
+      k: neighbours (fewer when there are fewer training points).
+      temp: the weight of a neighbour with similarity s is exp(s / temp).
+      chunk_size: test points per step; memory holds `[chunk_size, n_train]` similarities.
+
+    Returns:
+      float32 `[n_test, num_classes]`: per class, the weights of the k neighbours of that
+      class over the weights of all k (rows sum to 1; argmax as DINO's raw weight sums).
+    """
+    train_feats, test_feats = np.asarray(train_feats), np.asarray(test_feats)
+    k = min(k, train_feats.shape[0])
+    chunk_size = max(1, min(chunk_size, test_feats.shape[0]))
+    return np.asarray(_knn_scores(train_feats, np.asarray(train_labels), test_feats,
+                                  jnp.float32(temp), num_classes=num_classes, k=k,
+                                  chunk_size=chunk_size))
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "steps", "lr", "weight_decay"))
+def _fit_softmax_regression(key, train_feats, train_labels, test_feats, *, num_classes, steps,
+                            lr, weight_decay):
+    mean, std = train_feats.mean(0), train_feats.std(0)
+    std = jnp.where(std > 1e-6, std, 1.0)  # constant features (e.g. blank border pixels)
+    x, x_test = (train_feats - mean) / std, (test_feats - mean) / std
+    params = {"w": 0.01 * jax.random.normal(key, (x.shape[1], num_classes)),
+              "b": jnp.zeros(num_classes)}
+    tx = optax.adamw(ops.warmup_cosine(lr, 0.0, steps), weight_decay=weight_decay,
+                     mask={"w": True, "b": False})
+
+    def loss_fn(p):
+        logits = x @ p["w"] + p["b"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, train_labels).mean()
+
+    def step(carry, _):
+        p, opt_state = carry
+        grads = jax.grad(loss_fn)(p)
+        updates, opt_state = tx.update(grads, opt_state, p)
+        return (optax.apply_updates(p, updates), opt_state), None
+
+    (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), length=steps)
+    return jax.nn.softmax(x_test @ params["w"] + params["b"], axis=-1)
+
+
+def linear_probe(train_feats, train_labels, test_feats, *, num_classes: int, steps: int,
+                 lr: float, weight_decay: float = 1e-4, seed: int = 0) -> np.ndarray:
+    """Softmax regression on frozen features: class probabilities `[n_test, num_classes]`.
+
+    Features are standardised with the training set's mean and std; the weights start from
+    `N(0, 0.01^2)` drawn from `seed` and train full-batch for `steps` AdamW steps (cosine lr
+    from `lr` to 0, weight decay on the weights, not the bias), all in one jitted scan.
+
+    Args:
+      train_feats: `[n_train, D]`; train_labels: int `[n_train]`; test_feats: `[n_test, D]`.
+    """
+    if steps < 1:
+        raise ValueError(f"linear probe needs steps >= 1, got {steps}")
+    scores = _fit_softmax_regression(
+        jax.random.key(seed), np.asarray(train_feats, np.float32), np.asarray(train_labels),
+        np.asarray(test_feats, np.float32), num_classes=num_classes, steps=steps,
+        lr=float(lr), weight_decay=float(weight_decay))
+    return np.asarray(scores)
+
+
+# ---------------------------------------------------------------- stage functions (I/O)
+
+
+def _normalise(images: jax.Array, mean: float, std: float) -> jax.Array:
+    return (images - mean) / std
+
+
+@functools.partial(jax.jit, static_argnames=("model", "method", "mean", "std"))
+def _forward(model, params, images, *, method, mean, std):
+    return model.apply({"params": params}, _normalise(images, mean, std), method=method)
+
+
+def _apply_in_batches(model: models.ViTClassifier, params, source, indices, *, batch_size: int,
+                      mean: float, std: float, method: str | None) -> np.ndarray:
+    """`model.apply(method=...)` over `source[indices]` in order: `[n, ...]` float32.
+
+    The last batch is padded to `batch_size` so that one shape compiles.
+    """
+    dataset = data.labelled_dataset(source, indices, batch_size=batch_size, seed=0)
+    outputs = []
+    for batch in dataset.to_iter_dataset():
+        images = batch["image"]
+        padded = np.pad(images, ((0, batch_size - len(images)),) + ((0, 0),) * 3)
+        out = _forward(model, params, padded, method=method, mean=mean, std=std)
+        outputs.append(np.asarray(out[:len(images)], np.float32))
+    return np.concatenate(outputs)
+
+
+def extract_features(model: models.ViTClassifier, params, source, indices, *, batch_size: int,
+                     mean: float, std: float) -> np.ndarray:
+    """Class features `[n, D]` float32 of `source[indices]`, in the order of `indices`.
+
+    Images are normalised as `(x - mean) / std`; `params` are the classifier's
+    (`{"head", "body", "tail"}`).
+    """
+    return _apply_in_batches(model, params, source, indices, batch_size=batch_size, mean=mean,
+                             std=std, method="features")
+
+
+def raw_pixel_features(source, indices) -> np.ndarray:
+    """Flattened pixels `[n, H*W*C]` float32 in [0, 1] of `source[indices]`, in order."""
+    dataset = data.labelled_dataset(source, indices, batch_size=_PIXEL_BATCH, seed=0)
+    return np.concatenate([b["image"].reshape(len(b["image"]), -1)
+                           for b in dataset.to_iter_dataset()])
+
+
+def evaluate_model(model: models.ViTClassifier, params, source, indices, *, batch_size: int,
+                   mean: float, std: float) -> dict:
+    """`{"accuracy", "auc"}` of the classifier's predictions on `source[indices]`."""
+    logits = _apply_in_batches(model, params, source, indices, batch_size=batch_size,
+                               mean=mean, std=std, method=None)
+    return evaluate_scores(jax.nn.softmax(logits, axis=-1), source.labels[np.asarray(indices)])
+
+
+def _train_step(model, tx, mean, std, params, opt_state, images, labels):
+    def loss_fn(p):
+        logits = model.apply({"params": p}, _normalise(images, mean, std))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+
+def finetune(model: models.ViTClassifier, params, source, train_idx, test_source, test_idx, *,
+             epochs: int, lr: float, batch_size: int, seed: int, mean: float, std: float,
+             augment=None, weight_decay: float = 0.05,
+             eval_batch_size: int | None = None) -> dict:
+    """Fine-tunes every parameter (head, body, tail) on `source[train_idx]`, then tests.
+
+    AdamW with a linear warm-up over the first 10% of steps and a cosine decay to 0, softmax
+    cross-entropy, shuffled batches (`augment` as in `data.Augment`). A labelled set smaller
+    than `batch_size` is trained in batches of its own size.
+
+    Returns:
+      `{"accuracy", "auc"}` on `test_source[test_idx]`.
+
+    Raises:
+      FloatingPointError: the loss became NaN or infinite (names the first such step).
+    """
+    if epochs < 1:
+        raise ValueError(f"fine-tuning needs epochs >= 1, got {epochs}")
+    batch_size = min(batch_size, len(train_idx))
+    dataset = data.labelled_dataset(source, train_idx, batch_size=batch_size, seed=seed,
+                                    augment=augment, shuffle=True, num_epochs=epochs,
+                                    drop_remainder=True)
+    total_steps = len(dataset)
+    tx = optax.adamw(ops.warmup_cosine(lr, 0.0, total_steps, warmup_steps=total_steps // 10),
+                     weight_decay=weight_decay)
+    step = jax.jit(functools.partial(_train_step, model, tx, mean, std))
+    opt_state, losses = tx.init(params), []
+    for batch in dataset.to_iter_dataset():
+        params, opt_state, loss = step(params, opt_state, batch["image"], batch["label"])
+        losses.append(loss)
+    # Checked once at the end: a check per step would stall the asynchronous dispatch.
+    bad = np.flatnonzero(~np.isfinite(np.asarray(jax.device_get(losses))))
+    if bad.size:
+        raise FloatingPointError(f"fine-tuning loss is not finite from step {bad[0]} of "
+                                 f"{total_steps}; lower the learning rate (lr={lr})")
+    return evaluate_model(model, params, test_source, test_idx,
+                          batch_size=eval_batch_size or batch_size, mean=mean, std=std)
+
+
+def labelled_candidates(config, train_source) -> np.ndarray:
+    """Indices of `train_source` that the site may label: sorted int64.
+
+    The first `config.data.subset` images when that is > 0 (all otherwise); with
+    `config.downstream.site >= 0`, only that site's images in the partition of
+    `config.data` (the same split, seed `config.seed`, that the sites are given).
+    """
+    n = len(train_source)
+    if config.data.subset > 0:
+        n = min(n, config.data.subset)
+    site = config.downstream.site
+    if site < 0:
+        return np.arange(n)
+    if site >= config.data.num_sites:
+        raise ValueError(f"config.downstream.site={site} but there are only "
+                         f"config.data.num_sites={config.data.num_sites} sites; use -1 for "
+                         "the whole train split")
+    parts = data.partition(train_source.labels[:n], config.data.partition,
+                           config.data.num_sites, config.seed, alpha=config.data.alpha)
+    return parts[site]
+
+
+def held_out_indices(config, test_source) -> np.ndarray:
+    """Indices of the test split: the first `config.data.subset` when that is > 0, else all."""
+    n = len(test_source)
+    return np.arange(min(n, config.data.subset) if config.data.subset > 0 else n)
+
+
+def _key(fraction: float) -> str:
+    return f"{fraction:g}"
+
+
+def _probe_features(config, name: str, train_feats, train_idx, subsets: dict, train_labels,
+                    test_feats, test_labels, num_classes: int) -> dict:
+    """Linear probe and k-NN at each fraction, on features `train_feats` of `train_idx`.
+
+    `subsets` maps each fraction to sorted indices contained in the sorted `train_idx`.
+    Returns `{"linear": {fraction: metrics}, "knn": {...}, "labelled": {fraction: count}}`.
+    """
+    cfg = config.downstream
+    probes = {
+        "linear": lambda x, y: linear_probe(x, y, test_feats, num_classes=num_classes,
+                                            steps=cfg.linear_steps, lr=cfg.linear_lr,
+                                            seed=config.seed),
+        "knn": lambda x, y: knn_classify(x, y, test_feats, num_classes=num_classes,
+                                         k=cfg.knn_k, temp=cfg.knn_temp),
+    }
+    results = {what: {} for what in probes}
+    results["labelled"] = {}
+    for fraction, idx in subsets.items():
+        rows = np.searchsorted(train_idx, idx)
+        results["labelled"][_key(fraction)] = len(idx)
+        for what, probe in probes.items():
+            start = time.perf_counter()
+            metrics = evaluate_scores(probe(train_feats[rows], train_labels[rows]), test_labels)
+            results[what][_key(fraction)] = metrics
+            _report(name, what, fraction, len(idx), metrics, start)
+    return results
+
+
+def _report(name: str, what: str, fraction: float, count: int, metrics: dict,
+            start: float) -> None:
+    print(f"[{name}] {what:8s} {100 * fraction:g}% of labels ({count} images): accuracy "
+          f"{100 * metrics['accuracy']:.1f}%, AUC {metrics['auc']:.3f}, "
+          f"{time.perf_counter() - start:.1f} s", flush=True)
+
+
+def _subsets(config, train_source, candidates: np.ndarray) -> dict:
+    """Each label fraction -> its stratified subset of `candidates` (sorted indices)."""
+    labels = train_source.labels[candidates]
+    return {f: candidates[label_subset(labels, f, config.seed)]
+            for f in config.downstream.label_fractions}
+
+
+def evaluate_body(config, head_dir, body: models.ViTBody, body_params, *, train_source,
+                  test_source, name: str) -> dict:
+    """The downstream protocol for one body: linear probe, k-NN and fine-tune.
+
+    Args:
+      config: uses `config.downstream`, `config.seed`, `config.data` (mean, std, subset,
+        and the partition when `config.downstream.site >= 0`).
+      head_dir: the site's head (`consortium.init_head`).
+      body: the body's module; body_params: its parameters as `export.load_body` returns
+        them, or None for a randomly initialised body seeded by `config.seed` (a baseline).
+      name: the row's name in results and progress lines.
+
+    Returns:
+      `{"name", "linear": {fraction: {"accuracy", "auc"}}, "knn": {...},
+      "finetune": {finetune_fraction: {...}}, "labelled": {fraction: count}}`, fractions as
+      strings such as "0.01" (JSON-able).
+    """
+    cfg, mean, std = config.downstream, config.data.mean, config.data.std
+    head, head_params, head_meta = consortium.load_head(head_dir)
+    if head.dim != body.dim:
+        raise ValueError(f"the head in {head_dir} makes tokens of width {head.dim} but the "
+                         f"body takes width {body.dim}; use the body trained for this head")
+    for source in (train_source, test_source):
+        if (head.image_size, head.image_size, head_meta["channels"]) != tuple(source.image_shape):
+            raise ValueError(f"{source.name}: images {source.image_shape} do not fit the head "
+                             f"in {head_dir} ({head.image_size}x{head.image_size}x"
+                             f"{head_meta['channels']})")
+    model = models.ViTClassifier(head, body, num_classes=train_source.num_classes)
+    images = jnp.zeros((1, *train_source.image_shape))
+    params = dict(model.init(jax.random.key(config.seed), images)["params"])
+    params["head"] = head_params
+    if body_params is not None:
+        params["body"] = body_params
+
+    candidates = labelled_candidates(config, train_source)
+    subsets = _subsets(config, train_source, candidates)
+    largest = subsets[max(subsets)]  # nested: it holds every smaller subset
+    test_idx = held_out_indices(config, test_source)
+    start = time.perf_counter()
+    extract = functools.partial(extract_features, model, params, batch_size=cfg.eval_batch_size,
+                                mean=mean, std=std)
+    train_feats, test_feats = extract(train_source, largest), extract(test_source, test_idx)
+    print(f"[{name}] features of {len(largest)} labelled + {len(test_idx)} test images, "
+          f"{time.perf_counter() - start:.1f} s", flush=True)
+    results = {"name": name, **_probe_features(
+        config, name, train_feats, largest, subsets, train_source.labels[largest],
+        test_feats, test_source.labels[test_idx], train_source.num_classes)}
+
+    fraction = cfg.finetune_fraction
+    train_idx = candidates[label_subset(train_source.labels[candidates], fraction, config.seed)]
+    start = time.perf_counter()
+    metrics = finetune(model, params, train_source, train_idx, test_source, test_idx,
+                       epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, batch_size=cfg.batch_size,
+                       seed=config.seed, mean=mean, std=std, augment=cfg.get("augment"),
+                       eval_batch_size=cfg.eval_batch_size)
+    results["finetune"] = {_key(fraction): metrics}
+    _report(name, "finetune", fraction, len(train_idx), metrics, start)
+    return results
+
+
+def evaluate_pixels(config, train_source, test_source, name: str = "raw pixels") -> dict:
+    """Linear probe and k-NN on raw pixels: the dict of `evaluate_body` without "finetune"."""
+    candidates = labelled_candidates(config, train_source)
+    subsets = _subsets(config, train_source, candidates)
+    largest = subsets[max(subsets)]
+    test_idx = held_out_indices(config, test_source)
+    return {"name": name, **_probe_features(
+        config, name, raw_pixel_features(train_source, largest), largest, subsets,
+        train_source.labels[largest], raw_pixel_features(test_source, test_idx),
+        test_source.labels[test_idx], train_source.num_classes)}
+
+
+# ---------------------------------------------------------------- report
+
+_METHODS = (("linear", "linear"), ("knn", "k-NN"), ("finetune", "fine-tune"))
+
+
+def results_table(results: list[dict], fractions) -> str:
+    """A Markdown table of accuracies (percent, one decimal): one row per result dict.
+
+    Columns: linear, k-NN and fine-tune at each of `fractions`; a column that no result
+    has is left out, a missing entry is shown as "-".
+    """
+    columns = [(method, _key(f), f"{title} {100 * f:g}%") for method, title in _METHODS
+               for f in fractions if any(_key(f) in r.get(method, {}) for r in results)]
+    lines = ["| features / method | " + " | ".join(c[2] for c in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for r in results:
+        cells = [f"{100 * r[m][f]['accuracy']:.1f}" if f in r.get(m, {}) else "-"
+                 for m, f, _ in columns]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

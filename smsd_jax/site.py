@@ -1,0 +1,106 @@
+"""Stage 1, at a site, once: encode and encrypt the site's images into its payload.
+
+For each image, M augmented copies go through the frozen head (`t_i = W x_i + P_i`), masked
+sampling keeps K of the N tokens of each copy, and a fresh permutation shuffles them. The
+payload holds those token sets and nothing else. Memory is bounded by one shard.
+"""
+
+from __future__ import annotations
+
+import functools
+import secrets
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from smsd_jax import consortium, data, ops, payload
+
+
+def encode_batch(head, params, images: jax.Array, keys: jax.Array, *, keep: float,
+                 mean: float, std: float) -> jax.Array:
+    """images `[b, M, H, W, C]` in [0, 1], one key per image `[b]` -> sent tokens `[b, M, K, D]`.
+
+    Each of the M samples of an image gets its own mask and permutation from the image's key.
+    """
+    b, m = images.shape[:2]
+    tokens = head.apply({"params": params}, ((images - mean) / std).reshape(b * m, *images.shape[2:]))
+    tokens = tokens.reshape(b, m, *tokens.shape[1:])
+    sent, _ = jax.vmap(lambda key, t: ops.encrypt(key, t, keep))(keys, tokens)
+    return sent
+
+
+def image_keys(secret_seed: int, start: int, count: int) -> jax.Array:
+    """Keys of images `start .. start+count-1` of a site: fresh per image, reproducible from
+    the site's secret seed alone."""
+    base = jax.random.key(secret_seed)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(start, start + count))
+
+
+def _check_shard_size(cfg) -> None:
+    if cfg.shard_size < 1 or cfg.batch_size < 1 or cfg.shard_size % cfg.batch_size:
+        raise ValueError(f"config.site.shard_size={cfg.shard_size} must be a positive multiple "
+                         f"of config.site.batch_size={cfg.batch_size}")
+
+
+def run_site(config, site_id: int, source, indices: np.ndarray, head_dir: str | Path,
+             out_dir: str | Path, secret_seed: int | None = None, expected_fingerprint=None
+             ) -> dict:
+    """Encodes `source[indices]` into the payload folder `out_dir`, shard by shard.
+
+    Re-running continues after the last complete shard with identical results, if the
+    settings are the same. `secret_seed` keys the masks and permutations (None: 63 random
+    bits from the OS; give one only to reproduce a payload, and keep it from the server).
+
+    Returns:
+      The payload's manifest.
+    """
+    cfg = config.site
+    _check_shard_size(cfg)
+    head, params, head_meta = consortium.load_head(head_dir, expected_fingerprint)
+    if (head.image_size, head.image_size, head_meta["channels"]) != tuple(source.image_shape):
+        raise ValueError(f"{source.name}: images {source.image_shape} do not fit the head in "
+                         f"{head_dir} ({head.image_size}x{head.image_size}x"
+                         f"{head_meta['channels']})")
+    seed = secrets.randbits(63) if secret_seed is None else int(secret_seed)
+    k = ops.num_kept(head.num_patches, cfg.keep)
+    manifest = payload.new_manifest(
+        site_id=site_id, num_images=len(indices), num_samples=cfg.num_samples, tokens=k,
+        dim=head.dim, dtype=cfg.payload_dtype, head_fingerprint=head_meta["fingerprint"],
+        keep=cfg.keep, num_patches=head.num_patches)
+    manifest = _resume(Path(out_dir), manifest)
+    done = sum(s["num_images"] for s in manifest["shards"])
+
+    dataset = data.site_dataset(source, indices, num_samples=cfg.num_samples,
+                                augment=dict(cfg.augment), batch_size=cfg.batch_size,
+                                seed=config.seed)
+    encode = jax.jit(functools.partial(encode_batch, head, keep=cfg.keep, mean=config.data.mean,
+                                       std=config.data.std))
+    start, shard = time.perf_counter(), []
+    with tqdm(total=len(indices), initial=done, unit="img", desc=f"site {site_id}") as bar:
+        for b in range(done // cfg.batch_size, len(dataset)):
+            images = dataset[b]["images"]
+            first = b * cfg.batch_size
+            keys = image_keys(seed, first, len(images))
+            shard.append(np.asarray(encode(params, images, keys)).astype(cfg.payload_dtype))
+            bar.update(len(images))
+            if sum(map(len, shard)) == cfg.shard_size or first + len(images) == len(indices):
+                manifest = payload.write_shard(out_dir, manifest, np.concatenate(shard))
+                shard = []
+    manifest["seconds"] = time.perf_counter() - start
+    return manifest
+
+
+def _resume(out_dir: Path, manifest: dict) -> dict:
+    """The manifest of an unfinished payload with the same settings, else a new one."""
+    if not (out_dir / payload.MANIFEST).exists():
+        return manifest
+    old = payload.read_manifest(out_dir)
+    same = all(old[f] == manifest[f] for f in manifest if f not in ("shards", "complete"))
+    if not same:
+        raise ValueError(f"{out_dir} already holds a payload made with other settings; move it "
+                         "away or choose another output folder")
+    return old

@@ -1,0 +1,246 @@
+"""Stage 3: label subsets, AUC, k-NN, linear probe, feature extraction, fine-tuning, protocol."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from configs import base
+from smsd_jax import consortium, downstream, models
+from smsd_jax.data import fashion_mnist
+
+MEAN, STD = 0.286, 0.353
+
+
+@pytest.fixture(scope="module")
+def train():
+    return fashion_mnist("train")
+
+
+@pytest.fixture(scope="module")
+def test():
+    return fashion_mnist("test")
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    """A tiny untrained `ViTClassifier` and its parameters (initialised once: init is slow)."""
+    model = models.ViTClassifier(models.ViTHead(28, 4, 32), models.ViTBody(32, 2, 2), 10)
+    return model, model.init(jax.random.key(0), np.zeros((1, 28, 28, 1)))["params"]
+
+
+# ---------------------------------------------------------------- label_subset
+
+
+def test_label_subset_is_stratified_nested_and_deterministic(train):
+    labels = train.labels[:5000]
+    small = downstream.label_subset(labels, 0.01, seed=3)
+    large = downstream.label_subset(labels, 0.1, seed=3)
+    for subset, fraction in ((small, 0.01), (large, 0.1)):
+        assert np.all(np.diff(subset) > 0)  # sorted, no repeats
+        expected = np.maximum(1, np.round(fraction * np.bincount(labels, minlength=10)))
+        np.testing.assert_array_equal(np.bincount(labels[subset], minlength=10), expected)
+    assert set(small) <= set(large)
+    np.testing.assert_array_equal(small, downstream.label_subset(labels, 0.01, seed=3))
+    assert not np.array_equal(small, downstream.label_subset(labels, 0.01, seed=4))
+
+
+def test_label_subset_keeps_one_of_each_rare_class():
+    labels = np.array([0] * 500 + [1] * 3 + [4] * 1)
+    subset = downstream.label_subset(labels, 0.01, seed=0)
+    assert sorted(np.bincount(labels[subset]).tolist()) == [0, 0, 1, 1, 5]
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5, float("nan")])
+def test_label_subset_refuses_bad_fractions(fraction):
+    with pytest.raises(ValueError, match="fraction"):
+        downstream.label_subset(np.arange(10) % 2, fraction, seed=0)
+
+
+# ---------------------------------------------------------------- macro_auc
+
+
+def _pairwise_auc(scores, labels):
+    """The definition: over positive/negative pairs, 1 if the positive scores higher, 1/2 tie."""
+    aucs = []
+    for c in np.unique(labels):
+        pos, neg = scores[labels == c, c], scores[labels != c, c]
+        diff = pos[:, None] - neg[None, :]
+        aucs.append(np.mean((diff > 0) + 0.5 * (diff == 0)))
+    return np.mean(aucs)
+
+
+def test_macro_auc_equals_pairwise_count_with_ties():
+    # Random inputs on purpose: few distinct scores give many ties; class 2 is absent.
+    rng = np.random.default_rng(0)
+    labels = rng.choice([0, 1, 3], size=300)
+    scores = rng.integers(0, 5, size=(300, 4)).astype(np.float32)
+    auc = downstream.macro_auc(scores, labels)
+    assert auc == pytest.approx(_pairwise_auc(scores, labels), abs=1e-12)
+
+
+def test_macro_auc_is_one_for_perfect_and_half_for_random_scores():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 10, size=5000)
+    assert downstream.macro_auc(np.eye(10)[labels], labels) == 1.0
+    assert downstream.macro_auc(rng.random((5000, 10)), labels) == pytest.approx(0.5, abs=0.03)
+
+
+def test_accuracy_and_evaluate_scores():
+    scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    assert downstream.accuracy(scores, [0, 1, 1]) == pytest.approx(2 / 3)
+    metrics = downstream.evaluate_scores(scores, np.array([0, 1, 1]))
+    assert set(metrics) == {"accuracy", "auc"} and metrics["auc"] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- k-NN and linear probe
+
+
+@pytest.fixture(scope="module")
+def pixels(train, test):
+    """Raw pixels of 2000 train and 500 test images, with labels."""
+    return (downstream.raw_pixel_features(train, np.arange(2000)), train.labels[:2000],
+            downstream.raw_pixel_features(test, np.arange(500)), test.labels[:500])
+
+
+def test_raw_pixel_features_are_the_flattened_images(train, pixels):
+    x_train = pixels[0]
+    assert x_train.shape == (2000, 784) and x_train.dtype == np.float32
+    np.testing.assert_allclose(x_train[1234], train.images[1234].ravel() / 255.0, atol=1e-7)
+
+
+def test_knn_on_real_pixels_beats_chance_and_chunks_do_not_matter(pixels):
+    x_train, y_train, x_test, y_test = pixels
+    whole = downstream.knn_classify(x_train[:1000], y_train[:1000], x_test, num_classes=10,
+                                    chunk_size=len(x_test))
+    chunked = downstream.knn_classify(x_train[:1000], y_train[:1000], x_test, num_classes=10,
+                                      chunk_size=37)
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)
+    np.testing.assert_allclose(whole.sum(-1), 1.0, rtol=1e-5)
+    assert downstream.accuracy(whole, y_test) > 0.6
+
+
+def test_knn_with_one_neighbour_is_the_nearest_by_cosine():
+    # Random inputs on purpose: scaling a feature vector must not change its neighbours.
+    rng = np.random.default_rng(0)
+    x_train = rng.normal(size=(50, 8)) * rng.uniform(0.1, 10, size=(50, 1))
+    y_train, x_test = rng.integers(0, 4, size=50), rng.normal(size=(20, 8))
+    cosine = (x_test / np.linalg.norm(x_test, axis=1, keepdims=True)) @ (
+        x_train / np.linalg.norm(x_train, axis=1, keepdims=True)).T
+    scores = downstream.knn_classify(x_train, y_train, x_test, num_classes=4, k=1)
+    np.testing.assert_allclose(scores, np.eye(4)[y_train[cosine.argmax(1)]], atol=1e-6)
+
+
+def test_linear_probe_on_real_pixels_beats_chance_and_is_deterministic(pixels):
+    x_train, y_train, x_test, y_test = pixels
+    probe = lambda seed: downstream.linear_probe(x_train, y_train, x_test, num_classes=10,
+                                                 steps=300, lr=1e-2, seed=seed)
+    scores = probe(0)
+    assert scores.shape == (500, 10)
+    assert downstream.accuracy(scores, y_test) > 0.65
+    assert downstream.macro_auc(scores, y_test) > 0.9
+    np.testing.assert_array_equal(scores, probe(0))
+    assert not np.array_equal(scores, probe(1))
+
+
+# ---------------------------------------------------------------- model stages
+
+
+def test_extract_features_keeps_order_and_pads_the_last_batch(classifier, test):
+    model, params = classifier
+    indices = np.array([9, 2, 31, 0, 17, 5, 44, 3, 12, 8, 21, 1, 30])  # 13 = 2 x 5 + 3
+    feats = downstream.extract_features(model, params, test, indices, batch_size=5, mean=MEAN,
+                                        std=STD)
+    assert feats.shape == (13, 32) and feats.dtype == np.float32
+    one_by_one = jax.jit(lambda image: model.apply({"params": params}, image,
+                                                   method=model.features))
+    for row, i in enumerate(indices):
+        image = (test.images[i:i + 1].astype(np.float32) / 255.0 - MEAN) / STD
+        np.testing.assert_allclose(feats[row], one_by_one(image)[0], atol=1e-5)
+
+
+def test_finetune_improves_on_the_untrained_model(classifier, train, test):
+    model, params = classifier
+    test_idx = np.arange(500)
+    before = downstream.evaluate_model(model, params, test, test_idx, batch_size=100,
+                                       mean=MEAN, std=STD)
+    after = downstream.finetune(model, params, train, np.arange(512), test, test_idx, epochs=6,
+                                lr=3e-3, batch_size=32, seed=0, mean=MEAN, std=STD,
+                                eval_batch_size=100)
+    assert after["accuracy"] > before["accuracy"] + 0.2
+    assert after["auc"] > 0.8
+
+
+def test_finetune_on_fewer_images_than_a_batch(classifier, train, test):
+    model, params = classifier
+    metrics = downstream.finetune(model, params, train, np.arange(20), test, np.arange(100),
+                                  epochs=1, lr=1e-3, batch_size=64, seed=0, mean=MEAN, std=STD,
+                                  augment=dict(flip=True, max_shift=2))
+    assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["auc"] <= 1
+
+
+# ---------------------------------------------------------------- protocol and table
+
+
+@pytest.fixture(scope="module")
+def tiny_head(tmp_path_factory):
+    config = base.get_config("tiny")
+    head_dir = tmp_path_factory.mktemp("consortium") / "head"
+    consortium.init_head(config, head_dir, secret_seed=0)
+    return config, head_dir
+
+
+def test_evaluate_body_with_a_random_body(tiny_head, train, test, capsys):
+    config, head_dir = tiny_head
+    body = models.body_from_config(config)
+    result = downstream.evaluate_body(config, head_dir, body, None, train_source=train,
+                                      test_source=test, name="random body")
+    assert result["name"] == "random body"
+    assert set(result) == {"name", "linear", "knn", "finetune", "labelled"}
+    assert set(result["linear"]) == set(result["knn"]) == {"0.5"}
+    assert set(result["finetune"]) == {"0.5"}
+    per_class = np.bincount(train.labels[:config.data.subset])  # subset: the candidates
+    assert result["labelled"] == {"0.5": int(np.maximum(1, np.round(0.5 * per_class)).sum())}
+    for method in ("linear", "knn", "finetune"):
+        metrics = result[method]["0.5"]
+        assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["auc"] <= 1
+    assert result["linear"]["0.5"]["accuracy"] > 0.2  # above chance even untrained
+    json.dumps(result)
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[random body]")]
+    assert len(lines) == 4  # features, linear, k-NN, fine-tune
+
+
+def test_evaluate_body_rejects_a_body_of_another_width(tiny_head, train, test):
+    config, head_dir = tiny_head
+    with pytest.raises(ValueError, match="width"):
+        downstream.evaluate_body(config, head_dir, models.ViTBody(64, 1, 2), None,
+                                 train_source=train, test_source=test, name="wrong")
+
+
+def test_results_table_lists_every_row_and_accuracy(tiny_head, train, test):
+    config, _ = tiny_head
+    pixels = downstream.evaluate_pixels(config, train, test)
+    assert set(pixels) == {"name", "linear", "knn", "labelled"}
+    body = {"name": "SMSD body",
+            "linear": {"0.5": {"accuracy": 0.8721, "auc": 0.99}},
+            "knn": {"0.5": {"accuracy": 0.844, "auc": 0.98}},
+            "finetune": {"0.5": {"accuracy": 0.9, "auc": 0.99}}}
+    table = downstream.results_table([pixels, body], fractions=(0.5,))
+    lines = table.splitlines()
+    assert lines[0] == "| features / method | linear 50% | k-NN 50% | fine-tune 50% |"
+    assert lines[3] == "| SMSD body | 87.2 | 84.4 | 90.0 |"
+    pixel_acc = 100 * pixels["linear"]["0.5"]["accuracy"]
+    assert lines[2].startswith(f"| raw pixels | {pixel_acc:.1f} |")
+    assert lines[2].endswith("| - |")  # raw pixels are not fine-tuned
+
+
+def test_labelled_candidates_follow_subset_and_site(train):
+    config = base.get_config("tiny")  # subset 256
+    np.testing.assert_array_equal(downstream.labelled_candidates(config, train), np.arange(256))
+    config.downstream.site = 1
+    site = downstream.labelled_candidates(config, train)
+    assert 0 < len(site) < 256 and np.all(np.diff(site) > 0) and site.max() < 256
+    config.downstream.site = config.data.num_sites
+    with pytest.raises(ValueError, match="num_sites"):
+        downstream.labelled_candidates(config, train)

@@ -1,0 +1,182 @@
+"""The single round on real data: payload contents, manifest checks, server resume, CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs import base
+from smsd_jax import checkpoint, consortium, data, export, payload, server, site
+
+ROOT = Path(__file__).resolve().parents[1]
+N_IMAGES = 96
+
+
+def _config(**site_overrides):
+    config = base.get_config("tiny")
+    config.site.update(site_overrides)
+    return config
+
+
+def _encode(tmp_path, config, name, head_name="head", head_seed=0, n=N_IMAGES, site_id=0):
+    head_dir = tmp_path / head_name
+    if not head_dir.exists():
+        consortium.init_head(config, head_dir, secret_seed=head_seed)
+    source = data.fashion_mnist("train")
+    site.run_site(config, site_id, source, np.arange(n), head_dir, tmp_path / name,
+                  secret_seed=7)
+    return tmp_path / name, head_dir, source
+
+
+def test_payload_holds_only_encrypted_tokens(tmp_path):
+    config = _config(augment=dict(flip=False, max_shift=0, contrast=0.0))
+    out, head_dir, source = _encode(tmp_path, config, "payload")
+    manifest = payload.read_manifest(out)
+    allowed = {"format", "site_id", "num_images", "num_samples", "tokens", "dim", "dtype",
+               "head_fingerprint", "keep", "num_patches", "shards", "complete"}
+    assert set(manifest) == allowed
+    assert manifest["complete"] and manifest["num_images"] == N_IMAGES
+    # Every file is the manifest or part of a shard artifact.
+    for f in out.rglob("*"):
+        rel = f.relative_to(out).parts
+        assert rel[0] == payload.MANIFEST or rel[0].startswith("shard_"), rel
+    shard, meta = checkpoint.load_artifact(out / manifest["shards"][0]["name"])
+    assert set(shard) == {"tokens"} and set(meta) == {"format", "checksum"}
+    tokens = payload.read_tokens(out)
+    m, k, d = manifest["num_samples"], manifest["tokens"], manifest["dim"]
+    assert tokens.shape == (N_IMAGES, m, k, d) and tokens.dtype == np.float16
+    assert k < manifest["num_patches"]  # masked: fewer tokens than patches
+    # Without augmentation, each sent token is exactly a head token of its own image, at a
+    # distinct hidden position, and the order is shuffled. Only a test that holds the head and
+    # the images can find the positions.
+    head, params, _ = consortium.load_head(head_dir)
+    assert d != config.model.patch_size ** 2 * config.data.channels  # tokens, not pixel patches
+    images = source.images[:N_IMAGES].astype(np.float32) / 255
+    grid = np.asarray(head.apply({"params": params},
+                                 (images - config.data.mean) / config.data.std))  # [n, N, D]
+    for sample in range(m):
+        sent = tokens[:, sample].astype(np.float32)
+        dist = np.linalg.norm(sent[:, :, None] - grid[:, None], axis=-1)  # [n, K, N]
+        np.testing.assert_allclose(dist.min(-1), 0.0, atol=0.02)  # float16 rounding only
+        positions = dist.argmin(-1)
+        assert all(len(set(p)) == k for p in positions)
+        assert np.mean([np.all(np.diff(p) > 0) for p in positions]) < 0.05
+
+
+def test_payloads_from_different_heads_are_refused_naming_the_site(tmp_path):
+    config = _config()
+    a, _, _ = _encode(tmp_path, config, "site_a", head_name="head_a", head_seed=0, n=32)
+    b, _, _ = _encode(tmp_path, config, "site_b", head_name="head_b", head_seed=1, n=32,
+                      site_id=1)
+    manifests = {str(a): payload.read_manifest(a), str(b): payload.read_manifest(b)}
+    with pytest.raises(ValueError, match=r"site_b \(site 1\) has head_fingerprint"):
+        payload.check_agree(manifests)
+
+
+def test_payloads_with_other_keep_are_refused(tmp_path):
+    a, _, _ = _encode(tmp_path, _config(), "site_a", n=32)
+    b, _, _ = _encode(tmp_path, _config(keep=0.75), "site_b", n=32, site_id=1)
+    with pytest.raises(ValueError, match="tokens="):
+        server.run_server(_config(), [a, b], tmp_path / "server")
+
+
+def test_incomplete_payload_is_refused(tmp_path):
+    a, _, _ = _encode(tmp_path, _config(), "site_a", n=32)
+    manifest = payload.read_manifest(a)
+    checkpoint.write_json(a / payload.MANIFEST, {**manifest, "complete": False})
+    with pytest.raises(ValueError, match="incomplete"):
+        payload.check_agree({str(a): payload.read_manifest(a)})
+
+
+def test_site_encoding_is_reproducible_and_resumes(tmp_path):
+    config = _config(shard_size=32, batch_size=16)
+    full, _, _ = _encode(tmp_path, config, "full")
+    # A site that stopped after its first shard continues with identical results.
+    part, _, _ = _encode(tmp_path, config, "part")
+    manifest = payload.read_manifest(part)
+    checkpoint.write_json(part / payload.MANIFEST,
+                          {**manifest, "shards": manifest["shards"][:1], "complete": False})
+    for shard in manifest["shards"][1:]:
+        checkpoint.shutil.rmtree(part / shard["name"])
+    _encode(tmp_path, config, "part")
+    np.testing.assert_array_equal(payload.read_tokens(part), payload.read_tokens(full))
+    assert len(payload.read_manifest(part)["shards"]) == N_IMAGES // 32
+
+
+def test_server_on_eight_devices_equals_one(tmp_path):
+    config = _config()
+    pay, _, _ = _encode(tmp_path, config, "payload", n=64)
+    bodies = []
+    for n in (1, 8):
+        config.server.num_devices = n
+        out = server.run_server(config, [pay], tmp_path / f"server{n}")
+        bodies.append(export.load_body(out["body"])[1])
+    for a, b in zip(jax.tree.leaves(bodies[0]), jax.tree.leaves(bodies[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _cli(*args, workdir):
+    return [sys.executable, "-m", "launch.main", "--config=configs/quickstart.py:tiny",
+            f"--workdir={workdir}", *args]
+
+
+def test_server_resumes_after_kill_and_matches_uninterrupted(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    workdir = tmp_path / "run"
+    overrides = ["--config.server.epochs=5", "--config.server.checkpoint_every=10"]
+    for mode in ("init", "site"):
+        subprocess.run(_cli(f"--mode={mode}", *overrides, workdir=workdir), cwd=ROOT, env=env,
+                       check=True, capture_output=True)
+    # Uninterrupted reference, on a copy of the same payload.
+    ref = tmp_path / "ref"
+    payload_dir = workdir / "payloads" / "site_0"
+    server_cmd = lambda wd: _cli("--mode=server", *overrides, f"--payloads={payload_dir}",
+                                 workdir=wd)
+    subprocess.run(server_cmd(ref), cwd=ROOT, env=env, check=True, capture_output=True)
+    # Killed (SIGKILL) once its second checkpoint is on disk, then run again.
+    proc = subprocess.Popen(server_cmd(workdir), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (workdir / "server" / "checkpoints" / "20").exists() and time.time() < deadline:
+        assert proc.poll() is None, "server ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (workdir / "server" / "body").exists()
+    result = subprocess.run(server_cmd(workdir), cwd=ROOT, env=env, check=True,
+                            capture_output=True, text=True)
+    assert "resumed from step" in result.stdout
+    ref_body, resumed_body = (export.load_body(d / "server" / "body")[1] for d in (ref, workdir))
+    for a, b in zip(jax.tree.leaves(ref_body), jax.tree.leaves(resumed_body)):
+        np.testing.assert_array_equal(a, b)
+    steps = [json.loads(l)["step"] for l in (workdir / "server" / "metrics.jsonl").open()]
+    assert steps == sorted(set(steps))  # each step logged once, in order
+
+
+def test_simulate_runs_the_whole_round_from_the_cli(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    workdir = tmp_path / "sim"
+    result = subprocess.run(_cli("--mode=simulate", workdir=workdir), cwd=ROOT, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((workdir / "results" / "simulate.json").read_text())
+    names = [r["name"] for r in summary["results"]]
+    assert names == ["raw pixels", "random body", "SMSD body"]
+    smsd = summary["results"][-1]
+    for probe in ("linear", "knn", "finetune"):
+        for metrics in smsd[probe].values():
+            assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["auc"] <= 1.0
+    assert len(summary["payload_bytes_per_site"]) == 4
+    assert sum(summary["images_per_site"]) == 256
+    assert "| SMSD body |" in result.stdout
+    assert (workdir / "server" / "body" / "meta.json").exists()
+    # The server's entropy is logged against ln(out_dim), so collapse is visible.
+    row = json.loads((workdir / "server" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 < row["teacher_entropy"] <= row["max_entropy"] + 1e-6
