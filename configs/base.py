@@ -12,6 +12,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.workdir = "runs/default"
+    # The consortium key the head is drawn from; -1 draws it from the OS (what a real
+    # consortium does). A fixed value makes a simulation reproducible.
+    c.consortium_seed = -1
 
     # Data: the built-in real data set (Debian's dataset-fashion-mnist), or a user's.
     c.data = dict(
@@ -40,7 +43,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         batch_size=512,
         shard_size=8192,     # images per payload shard
         payload_dtype="float16",
-        secret_seed=-1,      # -1: drawn from the OS once and kept at the site
+        secret_seed=-1,      # -1: drawn from the OS once, kept at the site; >= 0: site k
+                             # uses secret_seed + k (reproducible simulations only)
     )
 
     # Stage 2: central distillation.
@@ -57,6 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_devices=0,       # 0: every visible device
         fsdp=False, checkpoint_every=200, log_every=20, keep_checkpoints=2,
         collapse_patience=200,
+        skip_bad_sites=False,  # True: warn about a damaged payload and train without it
     )
 
     # Stage 3: what a site does with the body it gets back.

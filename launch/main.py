@@ -24,6 +24,7 @@ Config values can be overridden with --config.x.y=value.
 from __future__ import annotations
 
 import secrets
+import sys
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from smsd_jax import checkpoint, consortium, data, downstream as downstream_stage, export
-from smsd_jax import server as server_stage, site as site_stage
+from smsd_jax import server as server_stage, site as site_stage, validate
 
 MODES = ("simulate", "init", "site", "server", "downstream")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py"
@@ -70,7 +71,8 @@ def init(config, layout: Layout) -> None:
     if layout.head.exists():
         print(f"init: head exists at {layout.head}, kept")
     else:
-        fingerprint = consortium.init_head(config, layout.head, secret_seed=None)
+        seed = config.consortium_seed if config.consortium_seed >= 0 else None
+        fingerprint = consortium.init_head(config, layout.head, secret_seed=seed)
         print(f"init: head {fingerprint} written to {layout.head}")
     if not layout.partition.exists():
         labels = data.load_source(config.data, "train").labels
@@ -98,7 +100,7 @@ def site(config, layout: Layout, site_id: int, head_dir: Path) -> dict:
     parts, _ = data.load_partition(layout.partition)
     if not 0 <= site_id < len(parts):
         raise ValueError(f"--site={site_id} but {layout.partition} has {len(parts)} sites")
-    seed = (config.site.secret_seed if config.site.secret_seed >= 0
+    seed = (config.site.secret_seed + site_id if config.site.secret_seed >= 0
             else _site_secret(layout, site_id))
     source = data.load_source(config.data, "train")
     manifest = site_stage.run_site(config, site_id, source, parts[site_id], head_dir,
@@ -168,11 +170,21 @@ def simulate(config, layout: Layout) -> None:
 
 def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO.
+    try:
+        run(argv)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        # Bad input or a failed health check: the message says what to do; no traceback.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/quickstart.py")
+    validate.check_config(config)
     layout = Layout(_WORKDIR.value or config.workdir)
     head_dir = Path(_HEAD.value) if _HEAD.value else layout.head
     mode = _MODE.value

@@ -77,7 +77,12 @@ def read_tokens(path: str | Path) -> np.ndarray:
     manifest = read_manifest(path)
     parts = []
     for shard in manifest["shards"]:
-        tree, meta = checkpoint.load_artifact(path / shard["name"])
+        try:
+            tree, meta = checkpoint.load_artifact(path / shard["name"])
+        except Exception as e:  # Orbax / tensorstore errors on damaged files vary by version.
+            raise ValueError(f"payload {path} (site {manifest['site_id']}): {shard['name']} "
+                             f"cannot be read ({type(e).__name__}: {str(e)[:300]}); ask the "
+                             "site to send its payload again") from e
         if meta["checksum"] != shard["checksum"]:
             raise ValueError(f"{path / shard['name']}: shard does not match the checksum in "
                              f"{MANIFEST}; ask site {manifest['site_id']} to send it again")

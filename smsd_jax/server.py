@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+import warnings
 from pathlib import Path
 
 import grain
@@ -29,12 +31,23 @@ def run_server(config, payload_dirs: list[str | Path], workdir: str | Path) -> d
     workdir.mkdir(parents=True, exist_ok=True)
 
     # ---------------------------------------------------------------- Payloads
-    manifests = {str(d): payload.read_manifest(d) for d in payload_dirs}
-    if not manifests:
+    if not payload_dirs:
         raise ValueError("no payloads given: pass the folders written by --mode=site")
-    payload.check_agree(manifests)
+    manifests, site_tokens = {}, []
+    for d in map(str, payload_dirs):
+        try:
+            manifest = payload.read_manifest(d)
+            payload.check_agree({**manifests, d: manifest})
+            site_tokens.append(payload.read_tokens(d))  # every shard checked against its sum
+            manifests[d] = manifest
+        except ValueError as e:
+            if not cfg.skip_bad_sites:
+                raise
+            warnings.warn(f"skipping payload {d}: {e}")
+    if not manifests:
+        raise ValueError(f"none of the {len(payload_dirs)} payloads could be used")
     first = next(iter(manifests.values()))
-    tokens = np.concatenate([payload.read_tokens(d) for d in manifests])  # [images, M, K, D]
+    tokens = np.concatenate(site_tokens)  # [images, M, K, D]
     num_images = len(tokens)
     print(f"server: {num_images} images from {len(manifests)} sites, tokens "
           f"{tokens.shape[1:]} {tokens.dtype} ({tokens.nbytes / 2**20:.1f} MB)")
@@ -79,21 +92,18 @@ def run_server(config, payload_dirs: list[str | Path], workdir: str | Path) -> d
     # ---------------------------------------------------------------- Checkpoint (resume)
     manager = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep_checkpoints, create=True))
-    if manager.latest_step() is not None:
-        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state)),
-            data=ocp.args.JsonRestore()))
-        state = restored.state
-        batches.set_state(restored.data)
-        print(f"server: resumed from step {int(state.step)}")
+    state = _restore_latest(manager, state, batches)
 
     def save(state):
         manager.save(int(state.step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(batches.get_state())))
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(dict(iterator=batches.get_state(),
+                                        checksum=_state_checksum(state)))))
 
     # ---------------------------------------------------------------- Train loop
     start_step = int(state.step)
-    log = MetricsLog(workdir / "metrics.jsonl", out_dim=cfg.out_dim, start_step=start_step)
+    log = MetricsLog(workdir / "metrics.jsonl", out_dim=cfg.out_dim, start_step=start_step,
+                     collapse_patience=cfg.collapse_patience)
     pending, last = None, {}
     bar = tqdm(total=total_steps, initial=start_step, unit="step", desc="server")
     tick = time.perf_counter()
@@ -129,11 +139,49 @@ def run_server(config, payload_dirs: list[str | Path], workdir: str | Path) -> d
     return dict(last, body=str(body_dir), steps=total_steps, images=num_images)
 
 
+def _state_checksum(state) -> str | None:
+    """Checksum of the training state; None where one process cannot see all of it."""
+    if jax.process_count() > 1:
+        return None
+    return checkpoint.tree_checksum(jax.device_get(state))
+
+
+def _restore_latest(manager: ocp.CheckpointManager, state, batches):
+    """The newest checkpoint that restores and matches its checksum, else `state` unchanged.
+
+    A damaged newest checkpoint is reported and the one before it is used.
+    """
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+            expected = restored.data["checksum"]
+            if expected is not None and _state_checksum(restored.state) != expected:
+                raise ValueError("the restored arrays do not match the saved checksum")
+        except Exception as e:  # Orbax / tensorstore errors on damaged files vary by version.
+            damaged = Path(manager.directory) / str(step)
+            warnings.warn(f"checkpoint {damaged} is damaged ({type(e).__name__}: "
+                          f"{str(e)[:200]}); kept aside as {damaged}.damaged, trying the one "
+                          "before it")
+            os.replace(damaged, damaged.with_name(f"{step}.damaged"))
+            manager.reload()
+            continue
+        batches.set_state(restored.data["iterator"])
+        print(f"server: resumed from step {step}")
+        return restored.state
+    if manager.all_steps():
+        raise ValueError(f"no checkpoint in {manager.directory} can be restored; move the folder "
+                         "away to start again from scratch")
+    return state
+
+
 class MetricsLog:
     """One JSON line of metrics per step; stops the run at the first non-finite loss."""
 
-    def __init__(self, path: Path, out_dim: int, start_step: int):
+    def __init__(self, path: Path, out_dim: int, start_step: int, collapse_patience: int):
         self.path, self.max_entropy, self.rate = path, math.log(out_dim), float("nan")
+        self.patience, self.collapsed_steps, self.warned = collapse_patience, 0, False
         if path.exists():  # A resumed run logs again the steps after its checkpoint.
             rows = [line for line in path.read_text().splitlines()
                     if line and json.loads(line)["step"] < start_step]
@@ -147,6 +195,19 @@ class MetricsLog:
                 f"step {last_checkpoint}; lower the learning rate or use float32, then rerun "
                 "(it resumes from there)")
         row.update(step=step, max_entropy=self.max_entropy, images_per_s=self.rate)
+        self._watch_collapse(row["teacher_entropy"], step)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         return row
+
+    def _watch_collapse(self, entropy: float, step: int) -> None:
+        """Warns once when the teacher's entropy sits near ln(out_dim) (uniform collapse) or
+        near 0 (one-hot collapse) for `patience` steps in a row."""
+        near_edge = not 0.03 * self.max_entropy < entropy < 0.97 * self.max_entropy
+        self.collapsed_steps = self.collapsed_steps + 1 if near_edge else 0
+        if self.collapsed_steps >= self.patience and not self.warned:
+            self.warned = True
+            kind = "uniform" if entropy > self.max_entropy / 2 else "one-hot"
+            warnings.warn(f"step {step}: teacher entropy {entropy:.3f} (ln(out_dim) = "
+                          f"{self.max_entropy:.3f}) for {self.patience} steps: the teacher looks "
+                          f"collapsed ({kind}); check teacher_temp, center_momentum and lr")

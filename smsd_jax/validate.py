@@ -1,0 +1,66 @@
+"""Config checks that run before any work starts: a bad value fails in a second, not an hour in.
+
+Each error names the config key, the value, and what to do.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from smsd_jax import models
+from smsd_jax.data import registry
+
+
+def _require(ok: bool, key: str, value, what: str) -> None:
+    if not ok:
+        raise ValueError(f"config.{key}={value!r}: {what}")
+
+
+def _fraction(key: str, value) -> None:
+    _require(0.0 < value <= 1.0, key, value, "must be a fraction in (0, 1]")
+
+
+def check_config(config) -> None:
+    """Raises ValueError at the first out-of-range value of `config`."""
+    d, m, s, v = config.data, config.model, config.site, config.server
+    _require(d.source in registry.SOURCES, "data.source", d.source, f"use one of {registry.SOURCES}")
+    _require(d.channels in (1, 3), "data.channels", d.channels, "must be 1 or 3")
+    _require(d.std > 0, "data.std", d.std, "must be positive")
+    _require(d.num_sites >= 1, "data.num_sites", d.num_sites, "must be at least 1")
+    _require(d.alpha > 0, "data.alpha", d.alpha, "the Dirichlet concentration must be positive")
+    _require(d.subset >= 0, "data.subset", d.subset, "must be 0 (all) or a positive count")
+    _require(m.size in models.PRESETS, "model.size", m.size, f"use one of {sorted(models.PRESETS)}")
+    _require(m.patch_size >= 1 and d.image_size % m.patch_size == 0, "model.patch_size",
+             m.patch_size, f"must divide data.image_size={d.image_size}")
+    _require(m.pos_std >= 0, "model.pos_std", m.pos_std, "must be non-negative")
+    num_patches = (d.image_size // m.patch_size) ** 2
+    _fraction("site.keep", s.keep)
+    sent = round(s.keep * num_patches)
+    _require(sent >= 1, "site.keep", s.keep, f"keeps no token of the {num_patches} patches")
+    _require(s.num_samples >= 1, "site.num_samples", s.num_samples, "must be at least 1")
+    _require(s.payload_dtype in ("float16", "bfloat16", "float32"), "site.payload_dtype",
+             s.payload_dtype, "use float16, bfloat16 or float32")
+    _require(s.batch_size >= 1 and s.shard_size % s.batch_size == 0, "site.shard_size",
+             s.shard_size, f"must be a positive multiple of site.batch_size={s.batch_size}")
+    for key in ("global_keep", "local_keep"):
+        _fraction(f"server.{key}", v[key])
+        _require(round(v[key] * sent) >= 1, f"server.{key}", v[key],
+                 f"keeps no token of the {sent} tokens each sample holds; raise it")
+    _require(v.num_local >= 0, "server.num_local", v.num_local, "must be 0 or more")
+    devices = v.num_devices or jax.device_count()
+    _require(v.num_devices <= jax.device_count(), "server.num_devices", v.num_devices,
+             f"only {jax.device_count()} devices are visible")
+    _require(v.batch_size >= devices and v.batch_size % devices == 0, "server.batch_size",
+             v.batch_size, f"must be a multiple of the {devices} devices of the mesh")
+    _require(v.epochs > 0, "server.epochs", v.epochs, "must be positive")
+    _require(v.lr > 0 and v.min_lr >= 0, "server.lr", v.lr, "learning rates must be positive")
+    _require(0 < v.student_temp and 0 < v.teacher_temp and 0 < v.teacher_temp_final,
+             "server.teacher_temp", v.teacher_temp, "temperatures must be positive")
+    _require(0 <= v.teacher_momentum <= 1, "server.teacher_momentum", v.teacher_momentum,
+             "must be in [0, 1]")
+    _require(0 <= v.center_momentum <= 1, "server.center_momentum", v.center_momentum,
+             "must be in [0, 1]")
+    _require(v.out_dim >= 2, "server.out_dim", v.out_dim, "must be at least 2")
+    for f in config.downstream.label_fractions:
+        _fraction("downstream.label_fractions", f)
+    _fraction("downstream.finetune_fraction", config.downstream.finetune_fraction)

@@ -1,0 +1,149 @@
+"""Fault injection: damaged files, killed processes, bad input and unhealthy training.
+
+Every case uses real files and real processes; each test fails if its guarantee breaks.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from configs import base
+from smsd_jax import checkpoint, payload, server
+from tests.test_pipeline import ROOT, _cli, _config, _encode
+
+
+def _largest_file(folder: Path) -> Path:
+    return max((f for f in folder.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+
+
+def _flip_bytes(path: Path, count: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    for i in range(middle, min(middle + count, len(data))):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_shard_is_named_and_can_be_skipped(tmp_path, damage):
+    config = _config()
+    good, _, _ = _encode(tmp_path, config, "site_a", n=32)
+    bad, _, _ = _encode(tmp_path, config, "site_b", n=32, site_id=1)
+    victim = _largest_file(bad / "shard_00000")
+    if damage == "flip":
+        _flip_bytes(victim)
+    else:
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"site_b \(site 1\): shard_00000"):
+        server.run_server(config, [good, bad], tmp_path / "server")
+    config.server.skip_bad_sites = True
+    with pytest.warns(UserWarning, match="skipping payload .*site_b"):
+        out = server.run_server(config, [good, bad], tmp_path / "server_skip")
+    assert out["images"] == 32
+
+
+def test_payload_of_another_format_version_is_refused(tmp_path):
+    a, _, _ = _encode(tmp_path, _config(), "site_a", n=32)
+    manifest = payload.read_manifest(a)
+    checkpoint.write_json(a / payload.MANIFEST, {**manifest, "format": "smsd-payload/0"})
+    with pytest.raises(ValueError, match="not a payload of this project"):
+        payload.read_manifest(a)
+
+
+def test_site_killed_mid_encoding_resumes_to_the_same_payload(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    overrides = ["--config.site.shard_size=64", "--config.site.batch_size=32",
+                 "--config.data.subset=2048", "--config.data.num_sites=1",
+                 "--config.site.secret_seed=5", "--config.consortium_seed=3"]
+    runs = {}
+    for name in ("ref", "killed"):
+        workdir = tmp_path / name
+        subprocess.run(_cli("--mode=init", *overrides, workdir=workdir), cwd=ROOT, env=env,
+                       check=True, capture_output=True)
+        runs[name] = workdir
+    subprocess.run(_cli("--mode=site", *overrides, workdir=runs["ref"]), cwd=ROOT, env=env,
+                   check=True, capture_output=True)
+    out = runs["killed"] / "payloads" / "site_0"
+    proc = subprocess.Popen(_cli("--mode=site", *overrides, workdir=runs["killed"]), cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        assert proc.poll() is None, "site finished before it could be killed"
+        if (out / payload.MANIFEST).exists() and len(payload.read_manifest(out)["shards"]) >= 3:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = payload.read_manifest(out)
+    assert not killed["complete"]
+    # What is on disk is complete shards only: each one listed reads and checks.
+    assert len(payload.read_tokens(out)) == sum(s["num_images"] for s in killed["shards"])
+    subprocess.run(_cli("--mode=site", *overrides, workdir=runs["killed"]), cwd=ROOT, env=env,
+                   check=True, capture_output=True)
+    ref = runs["ref"] / "payloads" / "site_0"
+    assert payload.read_manifest(out)["complete"]
+    np.testing.assert_array_equal(payload.read_tokens(out), payload.read_tokens(ref))
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
+    config = _config()
+    config.server.update(checkpoint_every=4, keep_checkpoints=3)
+    pay, _, _ = _encode(tmp_path, config, "payload", n=64)
+    config.server.epochs = 3.0  # 4 steps an epoch: checkpoints at 4, 8, 12
+    first = server.run_server(config, [pay], tmp_path / "ref")
+    ckpts = tmp_path / "ref" / "checkpoints"
+    latest = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    _flip_bytes(_largest_file(ckpts / str(latest)))
+    config.server.epochs = 4.0
+    with pytest.warns(UserWarning, match=f"checkpoint .*{latest} is damaged"):
+        out = server.run_server(config, [pay], tmp_path / "ref")
+    assert out["steps"] == 16 and first["steps"] == 12
+    assert (ckpts / f"{latest}.damaged").exists()
+
+
+def test_non_finite_loss_stops_and_names_step_and_checkpoint(tmp_path):
+    config = _config()
+    config.server.update(lr=1e30, min_lr=1e30, clip_grad=1e30, checkpoint_every=1)
+    pay, _, _ = _encode(tmp_path, config, "payload", n=64)
+    with pytest.raises(FloatingPointError, match=r"non-finite .* at step \d+.*last good checkpoint"):
+        server.run_server(config, [pay], tmp_path / "server")
+
+
+def test_collapse_is_warned_about(tmp_path):
+    config = _config()
+    # A teacher temperature this high makes the targets uniform: collapse from the start.
+    config.server.update(teacher_temp=100.0, teacher_temp_final=100.0, collapse_patience=3)
+    pay, _, _ = _encode(tmp_path, config, "payload", n=64)
+    with pytest.warns(UserWarning, match="collapsed \\(uniform\\)"):
+        server.run_server(config, [pay], tmp_path / "server")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.site.keep=1.5", "config.site.keep=1.5: must be a fraction in (0, 1]"),
+    ("--config.site.keep=0.01", "keeps no token of the 49 patches"),
+    ("--config.server.batch_size=0", "config.server.batch_size=0"),
+    ("--config.model.patch_size=5", "must divide data.image_size=28"),
+    ("--config.data.source=imagenet", "config.data.source='imagenet'"),
+])
+def test_bad_config_is_refused_before_any_work(tmp_path, override, message):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run(_cli("--mode=init", override, workdir=tmp_path / "w"), cwd=ROOT,
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "w").exists()  # nothing was written
+
+
+def test_server_refuses_batch_not_divisible_by_devices(tmp_path):
+    config = _config()
+    config.server.batch_size = 12  # 8 simulated devices
+    pay, _, _ = _encode(tmp_path, config, "payload", n=32)
+    with pytest.raises(ValueError, match="not divisible by the 8 devices"):
+        server.run_server(config, [pay], tmp_path / "server")
