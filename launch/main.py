@@ -120,10 +120,11 @@ def downstream(config, layout: Layout, head_dir: Path, body_dir: Path, baselines
     results = []
     if baselines:
         results.append(downstream_stage.evaluate_pixels(config, train, test))
-        results.append(downstream_stage.evaluate_body(config, head_dir, body, None, train_source=train,
-                                        test_source=test, name="random body"))
-    results.append(downstream_stage.evaluate_body(config, head_dir, body, params, train_source=train,
-                                    test_source=test, name="SMSD body"))
+        results.append(downstream_stage.evaluate_body(
+            config, head_dir, body, None, train_source=train, test_source=test,
+            name="random body"))
+    results.append(downstream_stage.evaluate_body(
+        config, head_dir, body, params, train_source=train, test_source=test, name="SMSD body"))
     table = downstream_stage.results_table(results, config.downstream.label_fractions)
     layout.results.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json(layout.results / "downstream.json", results)
@@ -154,7 +155,8 @@ def simulate(config, layout: Layout) -> None:
                    payload_bytes_per_site=payload_bytes,
                    images_per_site=[m["num_images"] for m in manifests])
     checkpoint.write_json(layout.results / "simulate.json", summary)
-    print(f"\nsingle round: {sum(timings.values()) / 60:.1f} min (sites {timings['sites_s']:.0f} s, "
+    print(f"\nsingle round: {sum(timings.values()) / 60:.1f} min "
+          f"(sites {timings['sites_s']:.0f} s, "
           f"server {timings['server_s']:.0f} s, downstream {timings['downstream_s']:.0f} s); "
           f"each site uploaded once, {np.mean(payload_bytes) / 2**20:.1f} MB on average")
     print(f"teacher entropy at the end: {final['teacher_entropy']:.2f} "

@@ -40,7 +40,8 @@ def write_shard(path: str | Path, manifest: dict, tokens: np.ndarray) -> dict:
     entry = dict(name=name, num_images=int(tokens.shape[0]),
                  checksum=checkpoint.load_meta(path / name)["checksum"])
     manifest = {**manifest, "shards": [*manifest["shards"], entry]}
-    manifest["complete"] = sum(s["num_images"] for s in manifest["shards"]) == manifest["num_images"]
+    written = sum(s["num_images"] for s in manifest["shards"])
+    manifest["complete"] = written == manifest["num_images"]
     checkpoint.write_json(path / MANIFEST, manifest)
     return manifest
 

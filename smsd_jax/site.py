@@ -27,7 +27,8 @@ def encode_batch(head, params, images: jax.Array, keys: jax.Array, *, keep: floa
     Each of the M samples of an image gets its own mask and permutation from the image's key.
     """
     b, m = images.shape[:2]
-    tokens = head.apply({"params": params}, ((images - mean) / std).reshape(b * m, *images.shape[2:]))
+    flat = ((images - mean) / std).reshape(b * m, *images.shape[2:])
+    tokens = head.apply({"params": params}, flat)
     tokens = tokens.reshape(b, m, *tokens.shape[1:])
     sent, _ = jax.vmap(lambda key, t: ops.encrypt(key, t, keep))(keys, tokens)
     return sent

@@ -23,7 +23,8 @@ def _fraction(key: str, value) -> None:
 def check_config(config) -> None:
     """Raises ValueError at the first out-of-range value of `config`."""
     d, m, s, v = config.data, config.model, config.site, config.server
-    _require(d.source in registry.SOURCES, "data.source", d.source, f"use one of {registry.SOURCES}")
+    _require(d.source in registry.SOURCES, "data.source", d.source,
+             f"use one of {registry.SOURCES}")
     _require(d.channels in (1, 3), "data.channels", d.channels, "must be 1 or 3")
     _require(d.std > 0, "data.std", d.std, "must be positive")
     _require(d.num_sites >= 1, "data.num_sites", d.num_sites, "must be at least 1")

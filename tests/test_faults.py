@@ -111,7 +111,8 @@ def test_non_finite_loss_stops_and_names_step_and_checkpoint(tmp_path):
     config = _config()
     config.server.update(lr=1e30, min_lr=1e30, clip_grad=1e30, checkpoint_every=1)
     pay, _, _ = _encode(tmp_path, config, "payload", n=64)
-    with pytest.raises(FloatingPointError, match=r"non-finite .* at step \d+.*last good checkpoint"):
+    with pytest.raises(FloatingPointError,
+                       match=r"non-finite .* at step \d+.*last good checkpoint"):
         server.run_server(config, [pay], tmp_path / "server")
 
 

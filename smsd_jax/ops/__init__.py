@@ -6,7 +6,8 @@ No Flax, no I/O. Every function is `jit`/`vmap`-safe and keyed by `jax.random` k
     sent, positions = ops.encrypt(jax.random.key(0), tokens, keep=0.5)  # [B, N, D] -> [B, K, D]
 """
 
-from smsd_jax.ops.dino import dino_loss, ema, linear_warmup, teacher_entropy, update_center, warmup_cosine
+from smsd_jax.ops.dino import (dino_loss, ema, linear_warmup, teacher_entropy, update_center,
+                               warmup_cosine)
 from smsd_jax.ops.masking import encrypt, mask_sample, num_kept, permute, unpermute
 
 __all__ = [

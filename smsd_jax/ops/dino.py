@@ -98,7 +98,7 @@ def warmup_cosine(base: float, final: float, total_steps: int, warmup_steps: int
 
 
 def linear_warmup(start: float, end: float, warmup_steps: int):
-    """Linear from `start` to `end` over `warmup_steps`, then constant `end` (teacher temperature)."""
+    """Linear from `start` to `end` over `warmup_steps`, then `end` (teacher temperature)."""
     def schedule(step):
         frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(warmup_steps, 1), 0.0, 1.0)
         return start + (end - start) * frac

@@ -23,7 +23,8 @@ def num_kept(num_tokens: int, keep: float) -> int:
     k = int(round(keep * num_tokens))
     if k < 1:
         raise ValueError(
-            f"keep={keep!r} of {num_tokens} tokens keeps no token (round({keep} * {num_tokens}) = 0);"
+            f"keep={keep!r} of {num_tokens} tokens keeps no token "
+            f"(round({keep} * {num_tokens}) = 0);"
             " raise keep or use more tokens.")
     return k
 
