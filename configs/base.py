@@ -81,8 +81,11 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
     """Shrinks a config by the comma-separated variants in `arg` (`runlocal`, `tiny`)."""
     for variant in filter(None, (arg or "").split(",")):
         if variant == "runlocal":
-            c.server.update(epochs=0.1, out_dim=4096, hidden_dim=512, checkpoint_every=50,
-                            log_every=5)
+            # A short run needs a teacher that follows faster and sharpens harder than
+            # DINO's long-run defaults, or it stays uniform (see configs/quickstart.py).
+            c.server.update(epochs=3.0, out_dim=1024, hidden_dim=512, checkpoint_every=50,
+                            log_every=5, teacher_momentum=0.99, teacher_temp=0.04,
+                            teacher_temp_final=0.04, warmup_epochs=0.3)
             c.site.update(num_samples=2, batch_size=256)
             c.downstream.update(linear_steps=200, finetune_epochs=2)
             c.data.subset = 4000

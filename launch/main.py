@@ -13,11 +13,12 @@ Modes:
   server      stage 2: masked sampling distillation over all payloads; exports the body.
   downstream  stage 3 at a site: linear probe, k-NN and fine-tune of head + body + tail.
   simulate    all of the above for every site, then a results table against a random body
-              and raw pixels.
+              and raw pixels, and the report.
+  report      PNGs of the server's training curves and the downstream accuracies (results/).
 
 Workdir layout: consortium/head (never given to the server), partition.json,
 sites/site_K/secret.json (a site's permutation key, never sent), payloads/site_K (uploads),
-server/ (checkpoints, metrics.jsonl, body), results/.
+server/ (checkpoints, metrics.jsonl, tensorboard/, body), results/.
 Config values can be overridden with --config.x.y=value.
 """
 
@@ -33,9 +34,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from smsd_jax import checkpoint, consortium, data, downstream as downstream_stage, export
-from smsd_jax import server as server_stage, site as site_stage, validate
+from smsd_jax import report, server as server_stage, site as site_stage, validate
 
-MODES = ("simulate", "init", "site", "server", "downstream")
+MODES = ("simulate", "init", "site", "server", "downstream", "report")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py"
                                           "[:variant,...]).", lock_config=True)
 _MODE = flags.DEFINE_enum("mode", "simulate", MODES, "Which stage to run.")
@@ -167,7 +168,8 @@ def simulate(config, layout: Layout) -> None:
     gains = ", ".join(f"{probe} {frac}: {gain(probe, frac):+.1f}"
                       for probe in ("linear", "knn") for frac in smsd[probe])
     print(f"SMSD body against the random body (accuracy points): {gains}")
-    print(f"results: {layout.results}")
+    report.draw_report(layout.root)
+    print(f"results: {layout.results} (table, JSON, PNG curves)")
 
 
 def main(argv):
@@ -199,6 +201,9 @@ def run(argv):
     elif mode == "server":
         dirs = _PAYLOADS.value or sorted(str(p) for p in layout.payloads.glob("site_*"))
         server(config, layout, dirs)
+    elif mode == "report":
+        for path in report.draw_report(layout.root):
+            print(f"report: {path}")
     elif mode == "downstream":
         downstream(config, layout, head_dir, Path(_BODY.value or layout.server / "body"),
                    baselines=False)

@@ -1,12 +1,18 @@
-"""The body export: what the server sends back to the sites, once.
+"""The body export: what the server sends back to the sites, once; and a timm export.
 
 An artifact (Orbax + meta.json) holding the teacher's body parameters (class token, blocks,
 final norm) and the settings needed to rebuild `ViTBody` without the server's config.
+`export_timm` writes a site's whole model (its head + the body + its tail) as a timm
+`VisionTransformer` state dict (`.npz`) and model kwargs (`.json`), for PyTorch users.
 """
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
+
+import numpy as np
 
 from smsd_jax import checkpoint, models
 
@@ -29,3 +35,125 @@ def load_body(path: str | Path) -> tuple[models.ViTBody, dict, dict]:
     body = models.ViTBody(dim=meta["dim"], depth=meta["depth"], heads=meta["heads"],
                           mlp_ratio=meta["mlp_ratio"])
     return body, params, meta
+
+
+# ---------------------------------------------------------------- timm export
+# The full ViT (a site's head + the body + optionally its tail) as a timm `VisionTransformer`
+# state dict, so the model runs in PyTorch: `VisionTransformer(**kwargs)` with the sidecar's
+# kwargs, then `load_state_dict` of the arrays (as tensors).
+
+
+def timm_kwargs(head: models.ViTHead, body: models.ViTBody, in_chans: int,
+                num_classes: int) -> dict:
+    """The `timm.models.VisionTransformer` keyword arguments of head + body (+ tail)."""
+    return dict(img_size=head.image_size, patch_size=head.patch_size, in_chans=in_chans,
+                embed_dim=body.dim, depth=body.depth, num_heads=body.heads,
+                mlp_ratio=float(body.mlp_ratio), num_classes=num_classes,
+                global_pool="token", class_token=True)
+
+
+def _linear(dense) -> dict:
+    """A Flax Dense (`kernel [in, out]`) as a torch Linear (`weight [out, in]`)."""
+    return {"weight": dense["kernel"].T, "bias": dense["bias"]}
+
+
+def _layer_norm(norm) -> dict:
+    return {"weight": norm["scale"], "bias": norm["bias"]}
+
+
+def _block(block) -> dict:
+    return {"norm1": _layer_norm(block["norm1"]), "attn.qkv": _linear(block["attn"]["qkv"]),
+            "attn.proj": _linear(block["attn"]["proj"]), "norm2": _layer_norm(block["norm2"]),
+            "mlp.fc1": _linear(block["fc1"]), "mlp.fc2": _linear(block["fc2"])}
+
+
+def timm_state_dict(head: models.ViTHead, head_params, body: models.ViTBody, body_params,
+                    tail_params=None) -> dict[str, np.ndarray]:
+    """Our parameters under timm's `vit_*` names and layouts, float32 NumPy arrays.
+
+    - `patch_embed.proj.weight [D, C, p, p]`: our patch kernel `[p*p*C, D]` flattens each
+      patch in (row, column, channel) order (`models.patchify`); a conv weight is
+      (out, channel, row, column).
+    - `pos_embed [1, 1+N, D]`: timm adds it to the class token too; our class token has no
+      position, so its row is zeros.
+    - Linear weights `[out, in]` (torch) are our kernels `[in, out]` transposed; the fused
+      `qkv` keeps its (q, k, v) x heads output order, which timm splits the same way.
+
+    Args:
+      head, head_params: a site's `ViTHead` and its parameters (`consortium.load_head`).
+      body, body_params: `ViTBody` and its parameters (`load_body`).
+      tail_params: the classification tail `{"kernel" [D, classes], "bias"}` or None.
+    """
+    p, dim = head.patch_size, body.dim
+    kernel = np.asarray(head_params["patch_embed"]["kernel"], np.float32)
+    if head.dim != dim or kernel.shape[1] != dim or kernel.shape[0] % (p * p):
+        raise ValueError(f"the head makes tokens of width {head.dim} from a patch kernel of "
+                         f"shape {kernel.shape}, but the body has width {dim}; export the body "
+                         "with the head it was trained for")
+    channels = kernel.shape[0] // (p * p)
+    pos = np.asarray(head_params["pos_embed"], np.float32)
+    modules = {
+        "patch_embed.proj": {"weight": kernel.reshape(p, p, channels, dim).transpose(3, 2, 0, 1),
+                             "bias": head_params["patch_embed"]["bias"]},
+        "norm": _layer_norm(body_params["norm"]),
+    }
+    for i in range(body.depth):
+        modules.update({f"blocks.{i}.{name}": params
+                        for name, params in _block(body_params[f"block{i}"]).items()})
+    if tail_params is not None:
+        modules["head"] = _linear(tail_params)
+    state = {"cls_token": body_params["cls_token"],
+             "pos_embed": np.concatenate([np.zeros((1, dim), np.float32), pos])[None],
+             **{f"{module}.{k}": v for module, params in modules.items()
+                for k, v in params.items()}}
+    # C order: a transposed view would be saved Fortran-ordered, which torch users trip on.
+    return {name: np.ascontiguousarray(v, np.float32) for name, v in state.items()}
+
+
+def export_timm(path: str | Path, head: models.ViTHead, head_params, body: models.ViTBody,
+                body_params, *, num_classes: int = 0, tail_params=None) -> Path:
+    """Writes head + body (+ tail) as a timm ViT: `<path>` (.npz) and its `.json` sidecar.
+
+    The `.npz` holds `timm_state_dict`; the sidecar holds `timm_kwargs`, so in PyTorch:
+    `VisionTransformer(**json.load(sidecar))` then `load_state_dict({k: torch.from_numpy(v)})`.
+    Images go in as `[B, C, H, W]`, normalised as the site normalises them for the head.
+    Each file is written under a temporary name and renamed into place, so a reader sees the
+    old file or the new one whole, never a part.
+
+    Args:
+      path: the `.npz` to write; the sidecar is the same name with `.json`.
+      num_classes: 0 takes the tail's number of classes (0, a headless model, without a
+        tail); any other value must equal the tail's.
+      tail_params: the classification tail `{"kernel" [D, classes], "bias"}` (the `"tail"`
+        of `models.ViTClassifier`'s parameters), or None.
+
+    Returns:
+      The sidecar's path.
+    """
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ValueError(f"timm export path {path} must end in .npz (the sidecar gets .json)")
+    classes = 0 if tail_params is None else int(np.shape(tail_params["kernel"])[1])
+    if num_classes not in (0, classes):
+        raise ValueError(f"num_classes={num_classes} but the tail has {classes} classes; pass "
+                         "the tail of that many classes, or num_classes=0 to follow the tail")
+    state = timm_state_dict(head, head_params, body, body_params, tail_params)
+    in_chans = state["patch_embed.proj.weight"].shape[1]
+    _write_npz(path, state)
+    sidecar = path.with_suffix(".json")
+    checkpoint.write_json(sidecar, timm_kwargs(head, body, in_chans, classes))
+    return sidecar
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """`np.savez` to a temporary file beside `path`, then renamed over it (atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only still there when writing failed

@@ -20,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from smsd_jax import checkpoint, distill, export, models, payload, sharding
+from smsd_jax import checkpoint, distill, export, metrics, models, payload, sharding
 
 
 def run_server(config, payload_dirs: list[str | Path], workdir: str | Path) -> dict:
@@ -120,6 +120,7 @@ def run_server(config, payload_dirs: list[str | Path], workdir: str | Path) -> d
             rate = cfg.log_every * cfg.batch_size / max(now - tick, 1e-9)
             tick = now
             log.rate = rate
+            log.events.flush()
             bar.set_postfix(loss=f"{last.get('loss', float('nan')):.3f}",
                             H=f"{last.get('teacher_entropy', float('nan')):.2f}",
                             img_s=f"{rate:.0f}")
@@ -128,6 +129,7 @@ def run_server(config, payload_dirs: list[str | Path], workdir: str | Path) -> d
     if pending is not None:
         last = log.check_and_write(*pending, manager.latest_step())
     bar.close()
+    log.events.close()
     manager.wait_until_finished()
 
     # ---------------------------------------------------------------- Export
@@ -176,6 +178,14 @@ def _restore_latest(manager: ocp.CheckpointManager, state, batches):
     return state
 
 
+def _logged_step(line: str) -> int | None:
+    """The step of a metrics line; None for a line cut short by a crash."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
 class MetricsLog:
     """One JSON line of metrics per step; stops the run at the first non-finite loss."""
 
@@ -183,9 +193,10 @@ class MetricsLog:
         self.path, self.max_entropy, self.rate = path, math.log(out_dim), float("nan")
         self.patience, self.collapsed_steps, self.warned = collapse_patience, 0, False
         if path.exists():  # A resumed run logs again the steps after its checkpoint.
-            rows = [line for line in path.read_text().splitlines()
-                    if line and json.loads(line)["step"] < start_step]
-            checkpoint.write_text(path, "".join(r + "\n" for r in rows))
+            checkpoint.write_text(path, "".join(
+                line + "\n" for line in path.read_text().splitlines()
+                if _logged_step(line) is not None and _logged_step(line) < start_step))
+        self.events = metrics.EventWriter(path.parent / "tensorboard")
 
     def check_and_write(self, step: int, metrics: dict, last_checkpoint) -> dict:
         row = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -198,6 +209,7 @@ class MetricsLog:
         self._watch_collapse(row["teacher_entropy"], step)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        self.events.scalars(step, {k: v for k, v in row.items() if k != "step"})
         return row
 
     def _watch_collapse(self, entropy: float, step: int) -> None:

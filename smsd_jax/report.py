@@ -1,0 +1,170 @@
+"""Pictures of a run for people: training curves of the server and downstream accuracy.
+
+    paths = draw_report("runs/quickstart")   # -> runs/quickstart/results/*.png
+
+Reads what the stages write: `WORKDIR/server/metrics.jsonl` (one JSON line per server step)
+and, when stage 3 has run, `WORKDIR/results/downstream.json`. Draws with matplotlib's
+object-oriented API on Agg figures, so it never changes the pyplot backend of a notebook.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+CURVES_PNG, DOWNSTREAM_PNG = "training_curves.png", "downstream_accuracy.png"
+# The probes of `downstream.evaluate_body`, in table order, with their titles.
+PROBES = (("linear", "linear"), ("knn", "k-NN"), ("finetune", "fine-tune"))
+
+
+# ---------------------------------------------------------------- reading (I/O)
+
+
+def read_metrics(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The server's `metrics.jsonl` as columns: `{name: float64 [rows]}`, rows by step.
+
+    A last line without its newline (the server is writing it, or was killed while writing
+    it) is left out; any other unreadable line is an error naming the file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no training metrics: {path} does not exist; run "
+                                "--mode=server (or --mode=simulate) on this workdir first")
+    text = path.read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines = lines[:-1]
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {number}, is not a JSON object ({e}); the file is "
+                             "damaged: delete the line or rerun the server") from e
+    if not rows:
+        raise ValueError(f"{path} holds no metrics yet; let --mode=server run some steps")
+    rows.sort(key=lambda row: row["step"])
+    names = sorted({name for row in rows for name in row})
+    return {name: np.array([row.get(name, math.nan) for row in rows], np.float64)
+            for name in names}
+
+
+def read_downstream(path: str | os.PathLike) -> list[dict] | None:
+    """The results of stage 3 (`downstream.json`), or None when stage 3 has not run."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ---------------------------------------------------------------- math
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Mean of each `window` consecutive values of `values [n]`: `[n - window + 1]`."""
+    return np.convolve(values, np.ones(window) / window, mode="valid")
+
+
+def accuracy_table(results: list[dict]) -> tuple[list[str], list[str], np.ndarray]:
+    """(bar groups "probe fraction%", body names, accuracy % `[bodies, groups]`, NaN where
+    a body lacks a probe) from the results of `downstream.evaluate_body`/`evaluate_pixels`."""
+    groups = [(probe, fraction) for probe, _ in PROBES
+              for fraction in sorted({f for r in results for f in r.get(probe, {})}, key=float)]
+    titles = dict(PROBES)
+    table = np.array([[100 * r[p][f]["accuracy"] if f in r.get(p, {}) else math.nan
+                       for p, f in groups] for r in results])
+    return ([f"{titles[p]} {100 * float(f):g}%" for p, f in groups],
+            [r["name"] for r in results], table)
+
+
+# ---------------------------------------------------------------- drawing
+
+
+def _curve(ax, steps, values, title: str, smooth: bool = False, **style) -> None:
+    finite = np.isfinite(values)  # images/s is NaN until the first timing window ends
+    steps, values = steps[finite], values[finite]
+    window = max(1, len(values) // 50)
+    if smooth and window > 1:
+        ax.plot(steps, values, color="tab:blue", alpha=0.3, linewidth=0.8)
+        ax.plot(steps[window - 1:], moving_average(values, window), color="tab:blue",
+                label=f"mean of {window} steps")
+    else:
+        ax.plot(steps, values, color="tab:blue", **style)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=8)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+
+
+def training_curves_figure(metrics: dict[str, np.ndarray]) -> Figure:
+    """Loss, teacher entropy against ln(out_dim), learning rate, and images/s, per step."""
+    fig = Figure(figsize=(10, 7), layout="constrained")
+    (loss, entropy), (lr, rate) = fig.subplots(2, 2)
+    steps = metrics["step"]
+    max_entropy = float(metrics["max_entropy"][-1])
+    # A loss stuck at ln(out_dim) is the student matching a uniform teacher: collapse.
+    loss.axhline(max_entropy, color="tab:red", linestyle="--", label="ln(out_dim)")
+    _curve(loss, steps, metrics["loss"], "DINO loss", smooth=True)
+    _curve(entropy, steps, metrics["teacher_entropy"], "teacher entropy")
+    entropy.axhline(max_entropy, color="tab:red", linestyle="--",
+                    label=f"ln(out_dim) = {max_entropy:.2f}: uniform collapse")
+    entropy.axhline(0.0, color="gray", linestyle=":", label="0: one-hot collapse")
+    entropy.set_ylim(-0.05 * max_entropy, 1.3 * max_entropy)  # room for the legend on top
+    entropy.legend(loc="upper center", ncols=2, fontsize=8)
+    _curve(lr, steps, metrics["lr"], "learning rate")
+    # One rate per timing window of `log_every` steps: drawn as steps, not a slope.
+    _curve(rate, steps, metrics["images_per_s"], "server throughput (images/s)",
+           drawstyle="steps-post")
+    fig.suptitle(f"server: {len(steps)} steps")
+    return fig
+
+
+def downstream_figure(results: list[dict]) -> Figure:
+    """Grouped bars: accuracy of each body (and raw pixels) per probe and label fraction."""
+    groups, names, table = accuracy_table(results)
+    fig = Figure(figsize=(max(6.0, 0.8 * len(groups) * len(names)), 4.5), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(names)
+    x = np.arange(len(groups))
+    for i, (name, row) in enumerate(zip(names, table)):
+        bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, np.nan_to_num(row), width,
+                      label=name)
+        ax.bar_label(bars, labels=["" if math.isnan(v) else f"{v:.1f}" for v in row],
+                     fontsize=8)
+    ax.set_xticks(x, groups)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title("downstream accuracy at a site (share of labels used)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def draw_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None = None
+                ) -> list[Path]:
+    """Draws the PNGs of the run in `workdir` into `out_dir` (default `workdir/results`).
+
+    Returns:
+      The paths written: the training curves, then the downstream accuracy bars when
+      `workdir/results/downstream.json` exists.
+
+    Raises:
+      FileNotFoundError: `workdir/server/metrics.jsonl` does not exist (named).
+    """
+    workdir = Path(workdir)
+    out_dir = Path(out_dir) if out_dir is not None else workdir / "results"
+    metrics = read_metrics(workdir / "server" / "metrics.jsonl")
+    results = read_downstream(workdir / "results" / "downstream.json")
+    figures = {CURVES_PNG: training_curves_figure(metrics)}
+    if results:
+        figures[DOWNSTREAM_PNG] = downstream_figure(results)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, fig in figures.items():
+        fig.savefig(out_dir / name, dpi=100)
+        paths.append(out_dir / name)
+    return paths
