@@ -148,3 +148,13 @@ def test_server_refuses_batch_not_divisible_by_devices(tmp_path):
     pay, _, _ = _encode(tmp_path, config, "payload", n=32)
     with pytest.raises(ValueError, match="not divisible by the 8 devices"):
         server.run_server(config, [pay], tmp_path / "server")
+
+
+def test_empty_site_is_refused_before_encoding(tmp_path):
+    from smsd_jax import consortium, data, site
+    config = _config()
+    consortium.init_head(config, tmp_path / "head", secret_seed=0)
+    with pytest.raises(ValueError, match="non-empty"):
+        site.run_site(config, 0, data.fashion_mnist("train"), np.array([], np.int64),
+                      tmp_path / "head", tmp_path / "payload", secret_seed=1)
+    assert not (tmp_path / "payload").exists()
