@@ -15,6 +15,9 @@ Modes:
   simulate    all of the above for every site, then a results table against a random body
               and raw pixels, and the report.
   report      PNGs of the server's training curves and the downstream accuracies (results/).
+  privacy     attacks of an honest-but-curious server on payloads made as sites make them
+              (config.privacy); writes results/privacy.{json,md} and reconstruction PNGs:
+              python -m launch.main --config=configs/privacy_fashion.py --mode=privacy
 
 Workdir layout: consortium/head (never given to the server), partition.json,
 sites/site_K/secret.json (a site's permutation key, never sent), payloads/site_K (uploads),
@@ -35,8 +38,9 @@ from ml_collections import config_flags
 
 from smsd_jax import checkpoint, consortium, data, downstream as downstream_stage, export
 from smsd_jax import report, server as server_stage, site as site_stage, validate
+from smsd_jax.privacy.study import run_privacy
 
-MODES = ("simulate", "init", "site", "server", "downstream", "report")
+MODES = ("simulate", "init", "site", "server", "downstream", "report", "privacy")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py"
                                           "[:variant,...]).", lock_config=True)
 _MODE = flags.DEFINE_enum("mode", "simulate", MODES, "Which stage to run.")
@@ -201,6 +205,8 @@ def run(argv):
     elif mode == "server":
         dirs = _PAYLOADS.value or sorted(str(p) for p in layout.payloads.glob("site_*"))
         server(config, layout, dirs)
+    elif mode == "privacy":
+        run_privacy(config, layout.root)
     elif mode == "report":
         for path in report.draw_report(layout.root):
             print(f"report: {path}")

@@ -1,0 +1,574 @@
+"""Attacks of an honest-but-curious server on SMSD payloads (METHOD.md, "Why a secret head").
+
+The server holds token sets `[samples, K, D]`, where a token at grid position n is
+`t = x W + o_n` for a patch `x` `[P]` (normalised pixels, `P = p*p*C`), the patch embedding
+`W` `[P, D]` and the offset `o_n` = position embedding + bias `[N, D]`, possibly masked
+(`K < N`) and shuffled. It also holds public images of the same kind, never a site's own.
+What it knows of the head decides the attack:
+
+- head public (it knows `W`, `o`): content lies in the `P`-dimensional row space of `W`, so
+  the part of a token outside it is `o_n`'s: `projection_scores` (exact for `D > P`), and a
+  Gaussian model of public patches scores every position for any `D` and inverts the patch
+  (`linear_gaussian`, `gaussian_scores`, `invert_patches`);
+- head secret: it trains `TokenAttacker` on public images encoded with a head of its own
+  (useless if heads differ; the same head is the "head leaked" upper bound), groups tokens by
+  k-means on the raw tokens or on what is left after removing the top principal directions
+  (`kmeans`, `remove_top_components`), names the groups by matching their covariance spectra
+  to those of public patches at each position (`spectral_labels`), and estimates the head
+  itself from the groups' moments (`estimate_head`: token covariance `W^T S_n W` against the
+  public patch covariance `S_n`), then attacks as if the head were public.
+
+`assign_positions` turns per-token scores into positions using what the server knows of the
+order (shuffled, sorted, or one permutation reused by a site). `assemble_images` rebuilds an
+image from recovered patches and positions; `linkage_scores` scores whether two token sets come
+from the same image. Everything here is a pure function (NumPy / JAX), with no I/O.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from scipy import optimize
+
+ORDERS = ("free", "sorted", "fixed")
+_CHUNK = 8192  # tokens per block when scoring: bounds the [block, r * r] intermediate
+
+
+# ------------------------------------------------------------------------- the head's algebra
+
+
+def head_matrices(params) -> tuple[np.ndarray, np.ndarray]:
+    """A `ViTHead`'s params -> (`W` `[P, D]`, offsets `o` `[N, D]`), float64.
+
+    The offsets fold the patch embedding's bias into the position embedding: a token at
+    position n is `x @ W + o[n]`.
+    """
+    kernel = np.asarray(params["patch_embed"]["kernel"], np.float64)
+    bias = np.asarray(params["patch_embed"]["bias"], np.float64)
+    return kernel, np.asarray(params["pos_embed"], np.float64) + bias
+
+
+def content_basis(kernel: np.ndarray, rtol: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """Orthonormal bases of the row space of `W` `[P, D]` and of its orthogonal complement.
+
+    Returns:
+      `(basis [D, r], complement [D, D - r])`, r = rank of `W` (<= min(P, D)). The complement
+      is empty when `D <= P` and `W` has full rank: then content can produce any token.
+    """
+    _, s, vt = np.linalg.svd(np.asarray(kernel, np.float64), full_matrices=True)
+    rank = int(np.sum(s > rtol * s.max()))
+    return vt[:rank].T, vt[rank:].T
+
+
+def projection_scores(tokens, kernel: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Head public, no prior: minus the squared distance, off the row space of `W`, between
+    each token and each offset.
+
+    Content has no component off the row space of `W`, so the true position scores 0 up to
+    rounding. Uninformative (all 0) when `D <= P`.
+
+    Args:
+      tokens: `[..., D]`.
+      kernel: `W` `[P, D]`; offsets: `[N, D]` (see `head_matrices`).
+
+    Returns:
+      `[..., N]` scores, higher is more likely.
+    """
+    _, comp = content_basis(kernel)
+    v = np.asarray(tokens, np.float64) @ comp
+    w = offsets @ comp
+    d2 = (v * v).sum(-1)[..., None] - 2 * v @ w.T + (w * w).sum(-1)
+    return -np.maximum(d2, 0.0)
+
+
+class PatchPrior(NamedTuple):
+    """Moments of patches at each position, from public images (normalised pixels)."""
+    mean: np.ndarray   # [N, P]
+    cov: np.ndarray    # [N, P, P]
+    third: np.ndarray  # [N, P], E[(x - mean)^3] per pixel: the skew second moments cannot see
+
+
+def fit_patch_prior(patches) -> PatchPrior:
+    """patches `[S, N, P]` (S public images) -> their moments at each position."""
+    patches = np.asarray(patches, np.float64)
+    if patches.ndim != 3 or len(patches) < 2:
+        raise ValueError(f"patches of shape {patches.shape}: expected [images >= 2, N, P]")
+    mean = patches.mean(0)
+    centred = patches - mean
+    return PatchPrior(mean, np.einsum("snp,snq->npq", centred, centred) / len(patches),
+                      np.mean(centred ** 3, axis=0))
+
+
+class LinearGaussian(NamedTuple):
+    """Tokens under a public head and a Gaussian patch prior, ready for scoring and inversion.
+
+    With `u = t @ basis` (r values in the row space of `W`) and `v = t @ complement`:
+    `u | n ~ N(mean_u[n], C[n])` and `v | n ~ N(comp_offsets[n], noise_var I)`.
+    """
+    basis: np.ndarray         # [D, r]
+    complement: np.ndarray    # [D, D - r]
+    comp_offsets: np.ndarray  # [N, D - r]
+    mean_u: np.ndarray        # [N, r]
+    precision: np.ndarray     # [N, r, r], C[n]^-1
+    log_det: np.ndarray       # [N], log det C[n]
+    gain: np.ndarray          # [N, r, P], C[n]^-1 G^T S[n]: from u - mean_u to the patch
+    patch_mean: np.ndarray    # [N, P]
+    noise_var: float
+
+
+def linear_gaussian(kernel: np.ndarray, offsets: np.ndarray, prior: PatchPrior,
+                    noise_std: float = 0.0, ridge: float = 1e-2,
+                    min_var: float = 1e-6) -> LinearGaussian:
+    """The head-public attacker's model of a token at each position.
+
+    A token is `x W + o_n + e` with `x ~ N(prior.mean[n], S[n])`, `S[n] = prior.cov[n] +
+    ridge I` (the ridge lets patches vary where public data never did), and `e ~ N(0,
+    noise_std^2 I)` (a site's token noise; `min_var` keeps the model proper without noise).
+
+    Args:
+      kernel: `W` `[P, D]`; offsets: `[N, D]` (see `head_matrices`).
+      prior: from `fit_patch_prior` on public patches.
+    """
+    basis, comp = content_basis(kernel)
+    g = kernel @ basis                                             # [P, r]
+    s = prior.cov + ridge * np.eye(prior.cov.shape[-1])
+    var = noise_std ** 2 + min_var
+    c = g.T @ s @ g + var * np.eye(g.shape[1])
+    _, log_det = np.linalg.slogdet(c)
+    gain = np.linalg.solve(c, g.T @ s)
+    return LinearGaussian(basis, comp, offsets @ comp, prior.mean @ g + offsets @ basis,
+                          np.linalg.inv(c), log_det, gain, prior.mean, var)
+
+
+def gaussian_scores(model: LinearGaussian, tokens) -> np.ndarray:
+    """Log-likelihood of each token at each position (up to a constant shared by positions).
+
+    With `D > P` and no noise the term off the row space dominates and reproduces
+    `projection_scores`; with `D <= P` the patch prior alone separates positions.
+
+    Args:
+      tokens: `[..., D]`.
+
+    Returns:
+      `[..., N]` float64.
+    """
+    tokens = np.asarray(tokens, np.float64)
+    flat = tokens.reshape(-1, tokens.shape[-1])
+    n, r = model.mean_u.shape
+    # (u - m)^T C^-1 (u - m) expanded, so that every position is one matmul.
+    precision_mean = np.einsum("nij,nj->ni", model.precision, model.mean_u)
+    const = np.einsum("ni,ni->n", model.mean_u, precision_mean) + model.log_det
+    out = np.empty((len(flat), n))
+    for start in range(0, len(flat), _CHUNK):
+        block = flat[start:start + _CHUNK]
+        u = block @ model.basis
+        quad = (u[:, :, None] * u[:, None]).reshape(-1, r * r) @ model.precision.reshape(n, -1).T
+        score = -0.5 * (quad - 2 * u @ precision_mean.T + const)
+        if model.complement.shape[1]:
+            v, w = block @ model.complement, model.comp_offsets
+            d2 = (v * v).sum(-1)[:, None] - 2 * v @ w.T + (w * w).sum(-1)
+            score -= 0.5 * np.maximum(d2, 0.0) / model.noise_var
+        out[start:start + len(block)] = score
+    return out.reshape(*tokens.shape[:-1], -1)
+
+
+def invert_patches(model: LinearGaussian, tokens, positions) -> np.ndarray:
+    """Posterior mean of each token's patch at a given position (normalised pixels).
+
+    With `D >= P`, a full-rank `W` and no noise this is `(t - o_n) W^+`, the pseudo-inverse:
+    the patch exactly. With `D < P` it is the best linear estimate under the public prior.
+
+    Args:
+      tokens: `[..., D]`; positions: `[...]` ints in [0, N).
+
+    Returns:
+      `[..., P]`.
+    """
+    tokens = np.asarray(tokens, np.float64)
+    positions = np.asarray(positions)
+    u = tokens @ model.basis
+    out = np.empty(positions.shape + (model.patch_mean.shape[1],))
+    for n in np.unique(positions):
+        at = positions == n
+        out[at] = model.patch_mean[n] + (u[at] - model.mean_u[n]) @ model.gain[n]
+    return out
+
+
+# ----------------------------------------------------------------- from scores to positions
+
+
+def _shifted_logcumsumexp(a: np.ndarray) -> np.ndarray:
+    """`out[..., i] = log sum exp(a[..., :i])` (so `-inf` at i = 0)."""
+    c = np.logaddexp.accumulate(a, axis=-1)
+    return np.concatenate([np.full(a.shape[:-1] + (1,), -np.inf), c[..., :-1]], axis=-1)
+
+
+def _sorted_marginals(scores: np.ndarray) -> np.ndarray:
+    """Log posterior marginals (unnormalised) of slot j -> position n, over increasing position
+    sequences with a uniform prior over kept subsets: forward-backward, `[S, K, N]`."""
+    k = scores.shape[1]
+    alpha, beta = np.empty_like(scores), np.zeros_like(scores)
+    alpha[:, 0] = scores[:, 0]
+    for j in range(1, k):
+        alpha[:, j] = scores[:, j] + _shifted_logcumsumexp(alpha[:, j - 1])
+    for j in range(k - 2, -1, -1):
+        later = scores[:, j + 1] + beta[:, j + 1]
+        beta[:, j] = _shifted_logcumsumexp(later[:, ::-1])[:, ::-1]
+    return alpha + beta
+
+
+def assign_positions(scores, order: str) -> np.ndarray:
+    """Positions of each sample's tokens from per-token scores and what the server knows of order.
+
+    Args:
+      scores: `[S, K, N]` log-likelihoods (higher = more likely); all zeros uses the order
+        alone.
+      order: "free": tokens are shuffled, each sample's K tokens hold distinct positions (the
+        most likely one-to-one matching, per sample); "sorted": tokens keep grid order (masking
+        without permutation: for each token the position of largest posterior marginal over
+        increasing sequences); "fixed": one mask and permutation for every sample (a reused
+        permutation: one matching of slots to positions from the scores summed over samples).
+
+    Returns:
+      `[S, K]` int64 positions.
+    """
+    scores = np.asarray(scores, np.float64)
+    if scores.ndim != 3 or scores.shape[1] > scores.shape[2]:
+        raise ValueError(f"scores of shape {scores.shape}: expected [samples, K, N], K <= N")
+    if order == "sorted":
+        return _sorted_marginals(scores).argmax(-1)
+    if order == "fixed":
+        _, cols = optimize.linear_sum_assignment(scores.sum(0), maximize=True)
+        return np.broadcast_to(cols, scores.shape[:2]).copy()
+    if order == "free":
+        return np.stack([optimize.linear_sum_assignment(s, maximize=True)[1] for s in scores])
+    raise ValueError(f"order={order!r} is unknown; use one of {ORDERS}")
+
+
+# ------------------------------------------------------------------------ learned attackers
+
+
+class TokenAttacker(nn.Module):
+    """MLP from one token (or one patch) `[..., F]` to position logits `[..., N]` and the patch
+    `[..., P]`. Per token on purpose: the set of tokens has no order to exploit."""
+    num_positions: int
+    patch_dim: int
+    hidden: int = 256
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        for i in range(2):
+            x = nn.gelu(nn.Dense(self.hidden, name=f"hidden{i}")(x))
+        return (nn.Dense(self.num_positions, name="position")(x),
+                nn.Dense(self.patch_dim, name="patch")(x))
+
+
+def standardize(x) -> np.ndarray:
+    """Zero mean, unit variance per feature over all leading axes: `[..., F]` -> `[..., F]`.
+
+    Each collection is standardised by its own statistics, which the server can compute on a
+    payload without knowing the head.
+    """
+    x = np.asarray(x, np.float32)
+    axes = tuple(range(x.ndim - 1))
+    return (x - x.mean(axes)) / (x.std(axes) + 1e-6)
+
+
+@functools.partial(jax.jit, static_argnames=("num_positions", "hidden", "steps", "batch_size",
+                                             "lr"))
+def train_attacker(key: jax.Array, inputs: jax.Array, positions: jax.Array, patches: jax.Array,
+                   *, num_positions: int, hidden: int = 256, steps: int = 1000,
+                   batch_size: int = 512, lr: float = 1e-3) -> tuple[dict, jax.Array]:
+    """Fits a `TokenAttacker` (cross-entropy on positions + MSE on patches, Adam, cosine lr).
+
+    Args:
+      inputs: `[T, F]` standardised tokens (or patches); positions: `[T]` ints;
+      patches: `[T, P]` normalised pixels, the decoder's target.
+
+    Returns:
+      `(params, losses [steps])`.
+    """
+    module = TokenAttacker(num_positions, patches.shape[-1], hidden)
+    init_key, key = jax.random.split(key)
+    params = module.init(init_key, inputs[:1])["params"]
+    tx = optax.adam(optax.cosine_decay_schedule(lr, steps))
+
+    def loss_fn(params, x, pos, patch):
+        logits, pred = module.apply({"params": params}, x)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, pos).mean()
+        return ce + jnp.mean((pred - patch) ** 2)
+
+    def step(carry, k):
+        params, opt_state = carry
+        idx = jax.random.randint(k, (batch_size,), 0, inputs.shape[0])
+        loss, grads = jax.value_and_grad(loss_fn)(params, inputs[idx], positions[idx],
+                                                  patches[idx])
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    (params, _), losses = jax.lax.scan(step, (params, tx.init(params)),
+                                       jax.random.split(key, steps))
+    return params, losses
+
+
+@jax.jit
+def attacker_predict(params: dict, inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """inputs `[..., F]` -> (position log-probabilities `[..., N]`, patches `[..., P]`)."""
+    module = TokenAttacker(params["position"]["kernel"].shape[1],
+                           params["patch"]["kernel"].shape[1], params["hidden0"]["kernel"].shape[1])
+    logits, patches = module.apply({"params": params}, inputs)
+    return jax.nn.log_softmax(logits), patches
+
+
+# -------------------------------------------------------------- head-agnostic grouping
+
+
+@functools.partial(jax.jit, static_argnames=("k", "iters"))
+def kmeans(key: jax.Array, x: jax.Array, *, k: int, iters: int = 30) -> jax.Array:
+    """k-means (k-means++ seeding, then `iters` Lloyd steps): x `[T, F]` -> groups `[T]` int32."""
+    x = x.astype(jnp.float32)
+    sq = (x * x).sum(-1)
+
+    def dist2(c):
+        return sq[:, None] - 2 * x @ c.T + (c * c).sum(-1)[None]
+
+    first_key, key = jax.random.split(key)
+    first = x[jax.random.randint(first_key, (), 0, x.shape[0])]
+    centres = jnp.zeros((k, x.shape[1]), x.dtype).at[0].set(first)
+
+    def seed(i, carry):
+        centres, d, key = carry
+        key, sub = jax.random.split(key)
+        pick = x[jax.random.categorical(sub, jnp.log(jnp.maximum(d, 1e-30)))]
+        return centres.at[i].set(pick), jnp.minimum(d, ((x - pick) ** 2).sum(-1)), key
+
+    centres, _, _ = jax.lax.fori_loop(1, k, seed, (centres, ((x - first) ** 2).sum(-1), key))
+
+    def lloyd(_, centres):
+        groups = jnp.argmin(dist2(centres), axis=-1)
+        sums = jax.ops.segment_sum(x, groups, k)
+        counts = jax.ops.segment_sum(jnp.ones_like(sq), groups, k)[:, None]
+        return jnp.where(counts > 0, sums / jnp.maximum(counts, 1), centres)  # empty: stays
+
+    centres = jax.lax.fori_loop(0, iters, lloyd, centres)
+    return jnp.argmin(dist2(centres), axis=-1).astype(jnp.int32)
+
+
+def remove_top_components(tokens, num: int) -> np.ndarray:
+    """tokens `[T, D]` -> coordinates `[T, D - num]` off their top `num` principal directions.
+
+    With a secret head, content spans at most P directions; projecting out the top P principal
+    directions (estimated from the payload itself) leaves mostly the position embedding.
+    """
+    tokens = np.asarray(tokens, np.float64)
+    if not 0 <= num < tokens.shape[1]:
+        raise ValueError(f"cannot remove {num} of {tokens.shape[1]} directions: nothing would "
+                         "be left; this attack needs D > values per patch")
+    centred = tokens - tokens.mean(0)
+    _, vectors = np.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
+    return centred @ vectors[:, :tokens.shape[1] - num]
+
+
+class GroupMoments(NamedTuple):
+    """Mean and covariance of each group of tokens (groups of at least 2 tokens)."""
+    ids: np.ndarray    # [G'] group ids
+    means: np.ndarray  # [G', D]
+    covs: np.ndarray   # [G', D, D], the protocol's token noise removed
+
+
+def _members(groups: np.ndarray) -> list[np.ndarray]:
+    """groups `[T]` ids in [0, G) -> the token indices of each group, one array per id."""
+    order = np.argsort(groups, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(groups))[:-1])
+
+
+def group_moments(tokens, groups, noise_std: float = 0.0) -> GroupMoments:
+    """Moments of each group of tokens: tokens `[T, D]`, groups `[T]` ids in [0, G)."""
+    tokens, groups = np.asarray(tokens, np.float64), np.asarray(groups)
+    members = [(g, tokens[idx]) for g, idx in enumerate(_members(groups)) if len(idx) > 1]
+    means = np.stack([x.mean(0) for _, x in members])
+    covs = np.stack([(x - mu).T @ (x - mu) / len(x) for (_, x), mu in zip(members, means)])
+    return GroupMoments(np.asarray([g for g, _ in members]), means,
+                        covs - noise_std ** 2 * np.eye(tokens.shape[1]))
+
+
+def spectral_labels(moments: GroupMoments, num_groups: int, prior: PatchPrior,
+                    num_eig: int = 8) -> np.ndarray:
+    """Names groups of tokens (one position each, ideally) without the head.
+
+    A group at position n has token covariance `W^T S_n W`. For a random `W` with `D >= P`,
+    `W W^T` is close to a multiple of the identity, so its eigenvalues are those of the
+    public patch covariance `S_n` times an unknown scale. Groups are matched one-to-one to
+    positions by their log spectra (the scale from the total variance of all groups).
+
+    Args:
+      moments: `group_moments` of the groups; num_groups: G, the number of group ids.
+      prior: public patch statistics.
+
+    Returns:
+      `[G]` the position of each group (-1 for groups left unmatched or too small); a token's
+      position is `labels[groups]`.
+    """
+    r = min(num_eig, moments.covs.shape[1], prior.mean.shape[1])
+    spectra = np.maximum(np.linalg.eigvalsh(moments.covs)[:, ::-1][:, :r], 0.0)
+    public = np.linalg.eigvalsh(prior.cov)[:, ::-1][:, :r]
+    scale = spectra.sum(1).mean() / public.sum(1).mean()
+    floor = 1e-3 * public[:, 0].mean()
+    f_group, f_public = np.log(spectra / scale + floor), np.log(public + floor)
+    rows, cols = optimize.linear_sum_assignment(((f_group[:, None] - f_public[None]) ** 2).sum(-1))
+    labels = np.full(num_groups, -1)
+    labels[moments.ids[rows]] = cols
+    return labels
+
+
+@functools.partial(jax.jit, static_argnames=("steps", "lr"))
+def fit_kernel(init: jax.Array, token_covs: jax.Array, patch_covs: jax.Array, *,
+               steps: int = 1000, lr: float = 3e-2) -> tuple[jax.Array, jax.Array]:
+    """Head secret: the `W` whose `W^T S_g W` best matches each group's token covariance.
+
+    Args:
+      init: `[P, D]` starting point.
+      token_covs: `[G, D, D]` covariance of each group's tokens (noise removed).
+      patch_covs: `[G, P, P]` public patch covariance at each group's position.
+
+    Returns:
+      `(W [P, D], final mean squared error relative to the mean squared token covariance)`,
+      by Adam with a cosine learning rate. Second moments cannot tell `W` from `-W`.
+    """
+    scale = jnp.sqrt(jnp.mean(token_covs ** 2))
+    target = token_covs / scale
+
+    def loss(w):
+        return jnp.mean((jnp.einsum("pd,gpq,qe->gde", w, patch_covs, w) - target) ** 2)
+
+    tx = optax.adam(optax.cosine_decay_schedule(lr, steps))
+
+    def step(carry, _):
+        w, opt_state = carry
+        value, grad = jax.value_and_grad(loss)(w)
+        updates, opt_state = tx.update(grad, opt_state, w)
+        return (optax.apply_updates(w, updates), opt_state), value
+
+    w0 = init / jnp.sqrt(scale)
+    (w, _), losses = jax.lax.scan(step, (w0, tx.init(w0)), None, length=steps)
+    return w * jnp.sqrt(scale), losses[-1]
+
+
+def match_cost(kernel, token_covs, patch_covs) -> np.ndarray:
+    """`||C_g - W^T S_n W||_F^2` for every group g and position n: `[G, N]`.
+
+    Args:
+      kernel: `W` `[P, D]`; token_covs: `[G, D, D]`; patch_covs: `[N, P, P]`.
+    """
+    w = np.asarray(kernel, np.float64)
+    model = w.T @ patch_covs @ w
+    seen = w @ token_covs @ w.T  # W C_g W^T, for the cross term
+    return ((token_covs ** 2).sum((1, 2))[:, None] - 2 * np.einsum("gpq,npq->gn", seen, patch_covs)
+            + (model ** 2).sum((1, 2))[None])
+
+
+def estimate_head(key: jax.Array, tokens, groups, moments: GroupMoments, labels,
+                  prior: PatchPrior, *, steps: int = 1000, refine_steps: int = 200,
+                  rounds: int = 3, lr: float = 3e-2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Head secret: estimates the head from the payload's own moments and public patches.
+
+    Tokens grouped by position (exactly when the server knows positions: grid order, or the
+    slots of a reused permutation) and the groups named (`labels`) give, per position, the
+    token covariance `W^T S_n W` and mean `mu_n W + o_n`. `fit_kernel` finds `W`; with
+    `rounds > 0` the groups are renamed by `match_cost` and `W` refitted, alternately. The
+    sign of `W` is the one under which recovered patches skew like public ones; the offsets
+    are `mean_g - mu_n W`. Feed the result to `linear_gaussian` as if the head were public.
+
+    Args:
+      key: draws the starting `W`.
+      tokens: `[T, D]`; groups: `[T]` ids in [0, G); moments: their `group_moments`;
+      labels: `[G]` starting positions of the groups (-1: unnamed, left out).
+
+    Returns:
+      `(W [P, D], offsets [N, D], labels [G])`. Positions no group is named after get offsets
+      far from every token, so no token is ever placed there.
+    """
+    tokens, labels = np.asarray(tokens, np.float64), np.asarray(labels)
+    named = labels[moments.ids] >= 0
+    ids, means, covs = moments.ids[named], moments.means[named], moments.covs[named]
+    names = labels[ids]
+    w, _ = fit_kernel(0.1 * jax.random.normal(key, prior.mean.shape[1:] + tokens.shape[1:]),
+                      covs, prior.cov[names], steps=steps, lr=lr)
+    for _ in range(rounds):
+        _, names = optimize.linear_sum_assignment(match_cost(w, covs, prior.cov))
+        w, _ = fit_kernel(w, covs, prior.cov[names], steps=refine_steps, lr=lr / 3)
+    w = np.asarray(w, np.float64)
+    unmix, members = np.linalg.pinv(w), _members(np.asarray(groups))
+    third = np.stack([np.mean(((tokens[members[g]] - m) @ unmix) ** 3, axis=0)
+                      for g, m in zip(ids, means)])
+    if np.sum(third * prior.third[names]) < 0:
+        w = -w
+    offsets = np.full((len(prior.mean), tokens.shape[1]), 1e6 * (np.abs(tokens).max() + 1.0))
+    offsets[names] = means - prior.mean[names] @ w
+    out = np.full(len(labels), -1)
+    out[ids] = names
+    return w, offsets, out
+
+
+def slot_consistency(sent) -> float:
+    """Share of the payload's token variance explained by the slot index, `[S, K, D]` -> float.
+
+    About `K / S` for fresh permutations (slots are exchangeable); large when a site reuses one
+    permutation (each slot then always holds the same position). The server can compute it.
+    """
+    sent = np.asarray(sent, np.float64)
+    total = sent.var(axis=(0, 1)).sum()
+    return float(sent.mean(0).var(0).sum() / total)
+
+
+# ---------------------------------------------------------------- images and linkage
+
+
+def unpatchify(patches, patch_size: int, channels: int) -> np.ndarray:
+    """`[B, N, p*p*C]` -> `[B, H, W, C]`, the inverse of `models.patchify` (square grid)."""
+    patches = np.asarray(patches)
+    b, n, _ = patches.shape
+    side = int(round(np.sqrt(n)))
+    if side * side != n:
+        raise ValueError(f"{n} patches do not form a square grid")
+    x = patches.reshape(b, side, side, patch_size, patch_size, channels)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, side * patch_size, side * patch_size,
+                                                 channels)
+
+
+def assemble_images(patches, positions, fill, patch_size: int, channels: int) -> np.ndarray:
+    """Places recovered patches at recovered positions; other positions get `fill`.
+
+    Args:
+      patches: `[S, K, P]`; positions: `[S, K]` ints in [0, N) (a repeated position keeps the
+        last patch; -1 drops the patch); fill: `[N, P]`, e.g. the public mean patch.
+
+    Returns:
+      `[S, H, W, C]` in the patches' units.
+    """
+    patches, positions = np.asarray(patches), np.asarray(positions)
+    grid = np.repeat(np.asarray(fill, patches.dtype)[None], len(patches), axis=0)
+    rows, slots = np.nonzero(positions >= 0)
+    grid[rows, positions[rows, slots]] = patches[rows, slots]
+    return unpatchify(grid, patch_size, channels)
+
+
+@jax.jit
+def linkage_scores(a: jax.Array, b: jax.Array) -> dict[str, jax.Array]:
+    """How alike two token sets are, per pair: a, b `[S, K, D]` -> `{name: [S]}`, higher = alike.
+
+    "mean_token": minus the distance between the sets' mean tokens; "chamfer": minus the mean
+    distance from each token to its nearest token in the other set (both ways). Both ignore
+    order, so they work on shuffled, masked sets and need no head.
+    """
+    d2 = ((a * a).sum(-1)[:, :, None] - 2 * jnp.einsum("skd,sld->skl", a, b)
+          + (b * b).sum(-1)[:, None])
+    d = jnp.sqrt(jnp.maximum(d2, 0.0))  # [S, K, K]
+    chamfer = 0.5 * (d.min(2).mean(1) + d.min(1).mean(1))
+    return {"mean_token": -jnp.linalg.norm(a.mean(1) - b.mean(1), axis=-1), "chamfer": -chamfer}
