@@ -49,6 +49,9 @@ _SITE = flags.DEFINE_integer("site", 0, "Site id for --mode=site.")
 _HEAD = flags.DEFINE_string("head", None, "Head folder (default: WORKDIR/consortium/head).")
 _PAYLOADS = flags.DEFINE_list("payloads", None, "Payload folders for --mode=server "
                               "(default: every WORKDIR/payloads/site_*).")
+_FINGERPRINT = flags.DEFINE_string(
+    "head_fingerprint", None, "For --mode=site: the consortium's head fingerprint (printed by "
+    "init); a head that does not match it is refused.")
 _BODY = flags.DEFINE_string("body", None, "Body export for --mode=downstream "
                             "(default: WORKDIR/server/body).")
 
@@ -100,7 +103,8 @@ def _site_secret(layout: Layout, site: int) -> int:
     return int(checkpoint.read_json(path)["secret_seed"])
 
 
-def site(config, layout: Layout, site_id: int, head_dir: Path) -> dict:
+def site(config, layout: Layout, site_id: int, head_dir: Path,
+         head_fingerprint: str | None = None) -> dict:
     """Stage 1 for one site."""
     parts, _ = data.load_partition(layout.partition)
     if not 0 <= site_id < len(parts):
@@ -109,7 +113,8 @@ def site(config, layout: Layout, site_id: int, head_dir: Path) -> dict:
             else _site_secret(layout, site_id))
     source = data.load_source(config.data, "train")
     manifest = site_stage.run_site(config, site_id, source, parts[site_id], head_dir,
-                                   layout.payload(site_id), secret_seed=seed)
+                                   layout.payload(site_id), secret_seed=seed,
+                                   expected_fingerprint=head_fingerprint)
     print(f"site {site_id}: {manifest['num_images']} images -> {layout.payload(site_id)}")
     return manifest
 
@@ -201,7 +206,7 @@ def run(argv):
     elif mode == "init":
         init(config, layout)
     elif mode == "site":
-        site(config, layout, _SITE.value, head_dir)
+        site(config, layout, _SITE.value, head_dir, _FINGERPRINT.value)
     elif mode == "server":
         dirs = _PAYLOADS.value or sorted(str(p) for p in layout.payloads.glob("site_*"))
         server(config, layout, dirs)

@@ -158,3 +158,16 @@ def test_empty_site_is_refused_before_encoding(tmp_path):
         site.run_site(config, 0, data.fashion_mnist("train"), np.array([], np.int64),
                       tmp_path / "head", tmp_path / "payload", secret_seed=1)
     assert not (tmp_path / "payload").exists()
+
+
+def test_site_refuses_a_head_that_is_not_the_consortiums(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    workdir = tmp_path / "w"
+    subprocess.run(_cli("--mode=init", workdir=workdir), cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    result = subprocess.run(_cli("--mode=site", "--head_fingerprint=0123456789abcdef",
+                                 workdir=workdir), cwd=ROOT, env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 2
+    assert "is not the consortium's 0123456789abcdef" in result.stderr
+    assert not (workdir / "payloads").exists()
