@@ -6,14 +6,12 @@ Every case uses real files and real processes; each test fails if its guarantee 
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from configs import base
 from smsd_jax import checkpoint, payload, server
 from tests.test_pipeline import ROOT, _cli, _config, _encode
 
