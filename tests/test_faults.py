@@ -16,8 +16,11 @@ from smsd_jax import checkpoint, payload, server
 from tests.test_pipeline import ROOT, _cli, _config, _encode
 
 
-def _largest_file(folder: Path) -> Path:
-    return max((f for f in folder.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+def _data_files(folder: Path) -> list[Path]:
+    """The array data files of an Orbax checkpoint (one alone may hold only unused bytes)."""
+    files = [f for f in folder.rglob("*") if f.is_file() and f.parent.name == "d"]
+    assert files, f"no array data files under {folder}"
+    return files
 
 
 def _flip_bytes(path: Path, count: int = 64) -> None:
@@ -33,11 +36,11 @@ def test_damaged_shard_is_named_and_can_be_skipped(tmp_path, damage):
     config = _config()
     good, _, _ = _encode(tmp_path, config, "site_a", n=32)
     bad, _, _ = _encode(tmp_path, config, "site_b", n=32, site_id=1)
-    victim = _largest_file(bad / "shard_00000")
-    if damage == "flip":
-        _flip_bytes(victim)
-    else:
-        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    for victim in _data_files(bad / "shard_00000"):
+        if damage == "flip":
+            _flip_bytes(victim)
+        else:
+            victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     with pytest.raises(ValueError, match=r"site_b \(site 1\): shard_00000"):
         server.run_server(config, [good, bad], tmp_path / "server")
     config.server.skip_bad_sites = True
@@ -97,7 +100,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
     first = server.run_server(config, [pay], tmp_path / "ref")
     ckpts = tmp_path / "ref" / "checkpoints"
     latest = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
-    _flip_bytes(_largest_file(ckpts / str(latest)))
+    for f in _data_files(ckpts / str(latest) / "state"):
+        _flip_bytes(f)
     config.server.epochs = 4.0
     with pytest.warns(UserWarning, match=f"checkpoint .*{latest} is damaged"):
         out = server.run_server(config, [pay], tmp_path / "ref")
