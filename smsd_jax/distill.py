@@ -139,6 +139,7 @@ def make_distill_step(net: nn.Module, tx: optax.GradientTransformation, schedule
     """
 
     def step(state: DistillState, samples: jax.Array, key: jax.Array):
+        samples = samples.astype(jnp.float32)  # payloads arrive as float16
         views = make_views(jax.random.fold_in(key, state.step), samples,
                            global_keep=cfg.global_keep, local_keep=cfg.local_keep,
                            num_local=cfg.num_local)

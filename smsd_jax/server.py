@@ -108,7 +108,8 @@ def run_server(config, payload_dirs: list[str | Path], workdir: str | Path) -> d
     bar = tqdm(total=total_steps, initial=start_step, unit="step", desc="server")
     tick = time.perf_counter()
     for step in range(start_step, total_steps):
-        batch = sharding.put_batch(next(batches).astype(np.float32), mesh)
+        # Payload dtype (float16) on the wire to the device; the step casts it there.
+        batch = sharding.put_batch(next(batches), mesh)
         state, metrics = step_fn(state, batch, step_key)
         # Read the previous step's metrics while this one runs (keeps the device busy).
         if pending is not None:
