@@ -43,6 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         batch_size=512,
         shard_size=8192,     # images per payload shard
         payload_dtype="float16",
+        permute=True,        # False: no permutation (an ablation; hides nothing)
         secret_seed=-1,      # -1: drawn from the OS once, kept at the site; >= 0: site k
                              # uses secret_seed + k (reproducible simulations only)
     )
@@ -64,6 +65,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         skip_bad_sites=False,  # True: warn about a damaged payload and train without it
     )
 
+    # Baselines (smsd_jax/baselines): image DINO on raw images, federated or pooled. Its
+    # DINO hyperparameters and batch size are config.server's, so the methods are matched.
+    c.baselines = dict(
+        rounds=2,                  # FedAvg-DINO rounds R (R x local_epochs = server.epochs)
+        local_epochs=1.0,          # E: epochs over its own images each site runs per round
+        global_scale=(0.4, 1.0),   # area fraction of an image in a global crop (min, max)
+        local_scale=(0.05, 0.4),   # the same for a local crop
+        local_size=16,             # side in pixels of a local crop; a multiple of patch_size
+        num_local=-1,              # local crops per image; -1: server.num_local
+        flip=True,                 # mirror each crop left-right with probability 1/2
+        contrast=0.2,              # each crop's contrast scaled by 1 +- up to this
+    )
+
     # Stage 3: what a site does with the body it gets back.
     c.downstream = dict(
         label_fractions=(0.01, 0.1),
@@ -71,7 +85,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         batch_size=256,
         knn_k=20, knn_temp=0.07,
         linear_steps=500, linear_lr=1e-2,
-        finetune_epochs=10, finetune_lr=5e-4, finetune_fraction=0.01,
+        finetune_epochs=10, finetune_lr=5e-4, finetune_fractions=(0.01,),
+        finetune_max_steps=0,  # > 0: at most this many fine-tuning steps at any fraction
         eval_batch_size=1000,
     )
     return apply_variants(c, arg)
@@ -88,6 +103,7 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
                             teacher_temp_final=0.04, warmup_epochs=0.3)
             c.site.update(num_samples=2, batch_size=256)
             c.downstream.update(linear_steps=200, finetune_epochs=2)
+            c.baselines.update(rounds=3, local_epochs=1.0)
             c.data.subset = 4000
         elif variant == "tiny":
             c.model.size = "tiny"
@@ -95,8 +111,9 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
                             bottleneck_dim=16, num_local=2, checkpoint_every=10, log_every=2,
                             warmup_epochs=0.0)
             c.site.update(batch_size=64, shard_size=128)
+            c.baselines.update(rounds=1, local_epochs=1.0)
             c.downstream.update(label_fractions=(0.5,), linear_steps=20, finetune_epochs=1,
-                                finetune_fraction=0.5, batch_size=32, eval_batch_size=100,
+                                finetune_fractions=(0.5,), batch_size=32, eval_batch_size=100,
                                 knn_k=5)
             c.data.subset = 256
         else:

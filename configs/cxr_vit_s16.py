@@ -30,8 +30,9 @@ def get_config(arg: str | None = None):
     c.server.update(batch_size=256, epochs=100.0, lr=5e-4, warmup_epochs=10,
                     teacher_temp_warmup_epochs=30,
                     checkpoint_every=1000, log_every=50)
-    c.downstream.update(label_fractions=(0.01, 0.1, 1.0), finetune_fraction=0.1,
+    c.downstream.update(label_fractions=(0.01, 0.1, 1.0), finetune_fractions=(0.1,),
                         batch_size=64, eval_batch_size=256, finetune_epochs=20)
+    c.baselines.update(local_size=96)  # DINO's 96-pixel local crops: 36 tokens at patch 16
     if arg and "runlocal" in arg:
         c.model.update(size="tiny", patch_size=16, dtype="float32")
         c.data.image_size = 64

@@ -5,10 +5,14 @@ Each step forms views by masked sampling again: 2 global views per image, one fr
 two different samples (so teacher and student see different augmentations), and `num_local`
 smaller local views for the student only. The student (body + DINO head) learns to match
 the EMA teacher's centred, sharpened output on every other view.
+
+The step is also image DINO's (the baselines): give `make_distill_step` a `views_fn` that
+forms image crops `[batch, V, h, w, C]` and a network that takes images (`ImageDINONet`).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import chex
@@ -31,8 +35,14 @@ class DistillState:
 
 
 class Views(NamedTuple):
-    global_views: jax.Array  # [batch, 2, K_global, D]
-    local_views: jax.Array | None  # [batch, num_local, K_local, D], None without local views
+    """The views of each image of a batch: token subsets (SMSD) or image crops (image DINO).
+
+    global_views: `[batch, 2, K_global, D]` or `[batch, 2, h, w, C]`.
+    local_views: `[batch, num_local, K_local, D]` or `[batch, num_local, l, l, C]`; None
+      without local views.
+    """
+    global_views: jax.Array
+    local_views: jax.Array | None
 
 
 class Schedules(NamedTuple):
@@ -73,7 +83,11 @@ def make_views(key: jax.Array, samples: jax.Array, *, global_keep: float, local_
 
 
 def _logits(net: nn.Module, params, views: jax.Array) -> jax.Array:
-    """views `[batch, V, K, D]` -> logits `[V, batch, out_dim]` (batch-major for sharding)."""
+    """views `[batch, V, ...]` -> logits `[V, batch, out_dim]` (batch-major for sharding).
+
+    Only the two leading axes are merged, so a view may be tokens `[K, D]` or an image
+    `[h, w, C]`.
+    """
     batch, v = views.shape[:2]
     logits, _ = net.apply({"params": params}, views.reshape(batch * v, *views.shape[2:]))
     return logits.reshape(batch, v, -1).transpose(1, 0, 2)
@@ -109,13 +123,14 @@ def make_optimizer(cfg, schedules: Schedules) -> optax.GradientTransformation:
 
 
 def init_state(key: jax.Array, net: nn.Module, tx: optax.GradientTransformation,
-               token_shape: tuple[int, int]) -> DistillState:
+               input_shape: tuple[int, ...]) -> DistillState:
     """Student and teacher start equal; the centre starts at zero.
 
     Args:
-      token_shape: `(K, D)` of a view, used only to build the parameters.
+      input_shape: the shape of one view, without the batch axis, used only to build the
+        parameters: `(K, D)` for tokens (`DINONet`), `(h, w, C)` for images (`ImageDINONet`).
     """
-    params = net.init(key, jnp.zeros((1, *token_shape), jnp.float32))["params"]
+    params = net.init(key, jnp.zeros((1, *input_shape), jnp.float32))["params"]
     return DistillState(
         step=jnp.zeros((), jnp.int32), student=params, teacher=jax.tree.map(jnp.copy, params),
         opt_state=tx.init(params), center=jnp.zeros((net.dino_head.out_dim,), jnp.float32))
@@ -131,18 +146,25 @@ def _freeze_last_layer(tree, frozen: jax.Array):
 
 
 def make_distill_step(net: nn.Module, tx: optax.GradientTransformation, schedules: Schedules,
-                      cfg) -> Callable[[DistillState, jax.Array, jax.Array],
-                                       tuple[DistillState, dict]]:
-    """Builds `step(state, samples [batch, M, K, D], key) -> (state, metrics)`, pure, to jit.
+                      cfg, views_fn: Callable[[jax.Array, jax.Array], Views] | None = None
+                      ) -> Callable[[DistillState, jax.Array, jax.Array],
+                                    tuple[DistillState, dict]]:
+    """Builds `step(state, samples, key) -> (state, metrics)`, pure, to jit.
 
-    `cfg` is `config.server`: view sizes, temperatures, centre momentum, last-layer freeze.
+    Args:
+      net: the student / teacher network (`DINONet` for tokens, `ImageDINONet` for images).
+      cfg: `config.server`: view sizes, temperatures, centre momentum, last-layer freeze.
+      views_fn: `views_fn(key, samples) -> Views`, given the batch cast to float32 and a key
+        fresh at each step. Default: SMSD's masked sampling (`make_views` with the view sizes
+        of `cfg`) of samples `[batch, M, K, D]`.
     """
+    if views_fn is None:
+        views_fn = functools.partial(make_views, global_keep=cfg.global_keep,
+                                     local_keep=cfg.local_keep, num_local=cfg.num_local)
 
     def step(state: DistillState, samples: jax.Array, key: jax.Array):
         samples = samples.astype(jnp.float32)  # payloads arrive as float16
-        views = make_views(jax.random.fold_in(key, state.step), samples,
-                           global_keep=cfg.global_keep, local_keep=cfg.local_keep,
-                           num_local=cfg.num_local)
+        views = views_fn(jax.random.fold_in(key, state.step), samples)
         teacher_temp = schedules.teacher_temp(state.step)
         teacher_logits = _logits(net, state.teacher, views.global_views)
 

@@ -239,15 +239,25 @@ def _train_step(model, tx, mean, std, params, opt_state, images, labels):
     return optax.apply_updates(params, updates), opt_state, loss
 
 
+@functools.lru_cache(maxsize=8)
+def _finetune_step(model, lr: float, weight_decay: float, total_steps: int, mean: float,
+                   std: float):
+    """`(tx, jitted step)`; cached, so fine-tunes with one budget share their compilation."""
+    tx = optax.adamw(ops.warmup_cosine(lr, 0.0, total_steps, warmup_steps=total_steps // 10),
+                     weight_decay=weight_decay)
+    return tx, jax.jit(functools.partial(_train_step, model, tx, mean, std))
+
+
 def finetune(model: models.ViTClassifier, params, source, train_idx, test_source, test_idx, *,
              epochs: int, lr: float, batch_size: int, seed: int, mean: float, std: float,
              augment=None, weight_decay: float = 0.05,
-             eval_batch_size: int | None = None) -> dict:
+             eval_batch_size: int | None = None, max_steps: int = 0) -> dict:
     """Fine-tunes every parameter (head, body, tail) on `source[train_idx]`, then tests.
 
     AdamW with a linear warm-up over the first 10% of steps and a cosine decay to 0, softmax
     cross-entropy, shuffled batches (`augment` as in `data.Augment`). A labelled set smaller
-    than `batch_size` is trained in batches of its own size.
+    than `batch_size` is trained in batches of its own size. `max_steps > 0` stops after that
+    many steps (a budget that does not grow with the labelled set).
 
     Returns:
       `{"accuracy", "auc"}` on `test_source[test_idx]`.
@@ -261,10 +271,10 @@ def finetune(model: models.ViTClassifier, params, source, train_idx, test_source
     dataset = data.labelled_dataset(source, train_idx, batch_size=batch_size, seed=seed,
                                     augment=augment, shuffle=True, num_epochs=epochs,
                                     drop_remainder=True)
+    if max_steps > 0:
+        dataset = dataset[:max_steps]
     total_steps = len(dataset)
-    tx = optax.adamw(ops.warmup_cosine(lr, 0.0, total_steps, warmup_steps=total_steps // 10),
-                     weight_decay=weight_decay)
-    step = jax.jit(functools.partial(_train_step, model, tx, mean, std))
+    tx, step = _finetune_step(model, lr, weight_decay, total_steps, mean, std)
     opt_state, losses = tx.init(params), []
     for batch in dataset.to_iter_dataset():
         params, opt_state, loss = step(params, opt_state, batch["image"], batch["label"])
@@ -354,7 +364,7 @@ def _subsets(config, train_source, candidates: np.ndarray) -> dict:
 
 def evaluate_body(config, head_dir, body: models.ViTBody, body_params, *, train_source,
                   test_source, name: str) -> dict:
-    """The downstream protocol for one body: linear probe, k-NN and fine-tune.
+    """The downstream protocol for one body at a site whose head is in `head_dir`.
 
     Args:
       config: uses `config.downstream`, `config.seed`, `config.data` (mean, std, subset,
@@ -365,11 +375,8 @@ def evaluate_body(config, head_dir, body: models.ViTBody, body_params, *, train_
       name: the row's name in results and progress lines.
 
     Returns:
-      `{"name", "linear": {fraction: {"accuracy", "auc"}}, "knn": {...},
-      "finetune": {finetune_fraction: {...}}, "labelled": {fraction: count}}`, fractions as
-      strings such as "0.01" (JSON-able).
+      What `evaluate_pretrained` returns.
     """
-    cfg, mean, std = config.downstream, config.data.mean, config.data.std
     head, head_params, head_meta = consortium.load_head(head_dir)
     if head.dim != body.dim:
         raise ValueError(f"the head in {head_dir} makes tokens of width {head.dim} but the "
@@ -379,10 +386,26 @@ def evaluate_body(config, head_dir, body: models.ViTBody, body_params, *, train_
             raise ValueError(f"{source.name}: images {source.image_shape} do not fit the head "
                              f"in {head_dir} ({head.image_size}x{head.image_size}x"
                              f"{head_meta['channels']})")
+    return evaluate_pretrained(config, head, head_params, body, body_params,
+                               train_source=train_source, test_source=test_source, name=name)
+
+
+def evaluate_pretrained(config, head: models.ViTHead, head_params, body: models.ViTBody,
+                        body_params, *, train_source, test_source, name: str) -> dict:
+    """Linear probe and k-NN at every `config.downstream.label_fractions`, and fine-tuning of
+    head + body + tail at every `config.downstream.finetune_fractions`.
+
+    `head_params` / `body_params` None: randomly initialised from `config.seed` (the
+    fine-tune-only baseline). Returns `{"name", "linear": {fraction: {"accuracy", "auc"}},
+    "knn": {...}, "finetune": {...}, "labelled": {fraction: count}}`, fractions as strings such
+    as "0.01" (JSON-able).
+    """
+    cfg, mean, std = config.downstream, config.data.mean, config.data.std
     model = models.ViTClassifier(head, body, num_classes=train_source.num_classes)
     images = jnp.zeros((1, *train_source.image_shape))
     params = dict(model.init(jax.random.key(config.seed), images)["params"])
-    params["head"] = head_params
+    if head_params is not None:
+        params["head"] = head_params
     if body_params is not None:
         params["body"] = body_params
 
@@ -400,15 +423,18 @@ def evaluate_body(config, head_dir, body: models.ViTBody, body_params, *, train_
         config, name, train_feats, largest, subsets, train_source.labels[largest],
         test_feats, test_source.labels[test_idx], train_source.num_classes)}
 
-    fraction = cfg.finetune_fraction
-    train_idx = candidates[label_subset(train_source.labels[candidates], fraction, config.seed)]
-    start = time.perf_counter()
-    metrics = finetune(model, params, train_source, train_idx, test_source, test_idx,
-                       epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, batch_size=cfg.batch_size,
-                       seed=config.seed, mean=mean, std=std, augment=cfg.get("augment"),
-                       eval_batch_size=cfg.eval_batch_size)
-    results["finetune"] = {_key(fraction): metrics}
-    _report(name, "finetune", fraction, len(train_idx), metrics, start)
+    results["finetune"] = {}
+    for fraction in cfg.finetune_fractions:
+        train_idx = candidates[label_subset(train_source.labels[candidates], fraction,
+                                            config.seed)]
+        start = time.perf_counter()
+        metrics = finetune(model, params, train_source, train_idx, test_source, test_idx,
+                           epochs=cfg.finetune_epochs, lr=cfg.finetune_lr,
+                           batch_size=cfg.batch_size, seed=config.seed, mean=mean, std=std,
+                           augment=cfg.get("augment"), eval_batch_size=cfg.eval_batch_size,
+                           max_steps=cfg.finetune_max_steps)
+        results["finetune"][_key(fraction)] = metrics
+        _report(name, "finetune", fraction, len(train_idx), metrics, start)
     return results
 
 

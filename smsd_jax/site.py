@@ -21,16 +21,17 @@ from smsd_jax import consortium, data, ops, payload
 
 
 def encode_batch(head, params, images: jax.Array, keys: jax.Array, *, keep: float,
-                 mean: float, std: float) -> jax.Array:
+                 mean: float, std: float, shuffle: bool = True) -> jax.Array:
     """images `[b, M, H, W, C]` in [0, 1], one key per image `[b]` -> sent tokens `[b, M, K, D]`.
 
-    Each of the M samples of an image gets its own mask and permutation from the image's key.
+    Each of the M samples of an image gets its own mask and permutation from the image's key
+    (`shuffle=False`: no permutation, an ablation only).
     """
     b, m = images.shape[:2]
     flat = ((images - mean) / std).reshape(b * m, *images.shape[2:])
     tokens = head.apply({"params": params}, flat)
     tokens = tokens.reshape(b, m, *tokens.shape[1:])
-    sent, _ = jax.vmap(lambda key, t: ops.encrypt(key, t, keep))(keys, tokens)
+    sent, _ = jax.vmap(lambda key, t: ops.encrypt(key, t, keep, shuffle))(keys, tokens)
     return sent
 
 
@@ -79,7 +80,7 @@ def run_site(config, site_id: int, source, indices: np.ndarray, head_dir: str | 
                                 augment=dict(cfg.augment), batch_size=cfg.batch_size,
                                 seed=config.seed)
     encode = jax.jit(functools.partial(encode_batch, head, keep=cfg.keep, mean=config.data.mean,
-                                       std=config.data.std))
+                                       std=config.data.std, shuffle=cfg.permute))
     start, shard = time.perf_counter(), []
     with tqdm(total=len(indices), initial=done, unit="img", desc=f"site {site_id}") as bar:
         for b in range(done // cfg.batch_size, len(dataset)):

@@ -62,6 +62,25 @@ def check_config(config) -> None:
     _require(0 <= v.center_momentum <= 1, "server.center_momentum", v.center_momentum,
              "must be in [0, 1]")
     _require(v.out_dim >= 2, "server.out_dim", v.out_dim, "must be at least 2")
+    check_baselines(config)
     for f in config.downstream.label_fractions:
         _fraction("downstream.label_fractions", f)
-    _fraction("downstream.finetune_fraction", config.downstream.finetune_fraction)
+    for fraction in config.downstream.finetune_fractions:
+        _fraction("downstream.finetune_fractions", fraction)
+
+
+def check_baselines(config) -> None:
+    """Raises ValueError at the first out-of-range value of `config.baselines`."""
+    b, patch = config.baselines, config.model.patch_size
+    _require(b.rounds >= 1 and int(b.rounds) == b.rounds, "baselines.rounds", b.rounds,
+             "must be a whole number of rounds, at least 1")
+    _require(b.local_epochs > 0, "baselines.local_epochs", b.local_epochs, "must be positive")
+    for key in ("global_scale", "local_scale"):
+        low, high = b[key]
+        _require(0 < low <= high <= 1, f"baselines.{key}", b[key],
+                 "must be (min, max) area fractions with 0 < min <= max <= 1")
+    _require(b.local_size >= patch and b.local_size % patch == 0, "baselines.local_size",
+             b.local_size, f"must be a positive multiple of model.patch_size={patch}")
+    _require(b.num_local >= -1, "baselines.num_local", b.num_local,
+             "must be -1 (server.num_local) or a count >= 0")
+    _require(0 <= b.contrast <= 1, "baselines.contrast", b.contrast, "must be in [0, 1]")

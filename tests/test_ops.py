@@ -30,6 +30,17 @@ def test_encrypt_shuffles_order():
     assert not all(np.all(np.diff(np.asarray(p)) > 0) for p in positions)
 
 
+def test_encrypt_without_shuffle_keeps_grid_order():
+    x = _tokens((4, 49, 8))
+    shuffled, _ = ops.encrypt(jax.random.key(3), x, 0.5)
+    sent, positions = ops.encrypt(jax.random.key(3), x, 0.5, shuffle=False)
+    assert np.all(np.diff(np.asarray(positions), axis=-1) > 0)  # increasing: grid order
+    np.testing.assert_array_equal(sent, jnp.take_along_axis(x, positions[..., None], axis=-2))
+    # The same key keeps the same tokens; only their order differs.
+    np.testing.assert_array_equal(np.sort(np.asarray(shuffled), axis=1),
+                                  np.sort(np.asarray(sent), axis=1))
+
+
 def test_mask_sample_keeps_order_and_indices():
     x = _tokens((2, 3, 20, 4))  # two leading axes
     kept, idx = ops.mask_sample(jax.random.key(0), x, 0.4)

@@ -51,12 +51,17 @@ class ViTHead(nn.Module):
       dim: token width `D`.
       pos_std: standard deviation of the position embedding at init. ViT's usual 0.02 is
         drowned by patch content; 0.5 keeps position visible on normalised pixels.
+      interpolate_pos: False (sites, downstream): only `image_size` images are accepted.
+        True (image DINO's multi-crop): any height and width that are multiples of
+        `patch_size`; the position grid is resized to the image's patch grid (bicubic, as
+        DINO). The parameters are the same either way, so one set serves both heads.
     """
     image_size: int
     patch_size: int
     dim: int
     pos_std: float = 0.5
     dtype: jnp.dtype = jnp.float32
+    interpolate_pos: bool = False
 
     @property
     def num_patches(self) -> int:
@@ -64,15 +69,32 @@ class ViTHead(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
-        """images `[B, H, W, C]` (C = 1 or 3) -> tokens `[B, N, D]`."""
-        if images.ndim != 4 or images.shape[1:3] != (self.image_size, self.image_size):
+        """images `[B, H, W, C]` (C = 1 or 3) -> tokens `[B, (H/p)*(W/p), D]`."""
+        native = (self.image_size, self.image_size)
+        if images.ndim != 4 or (images.shape[1:3] != native and not self.interpolate_pos):
             raise ValueError(f"images of shape {images.shape} do not match the head: expected "
                              f"[batch, {self.image_size}, {self.image_size}, channels]")
         patches = patchify(images.astype(self.dtype), self.patch_size)
         tokens = nn.Dense(self.dim, dtype=self.dtype, name="patch_embed")(patches)
         pos = self.param("pos_embed", nn.initializers.normal(self.pos_std),
                          (self.num_patches, self.dim))
-        return tokens + pos.astype(self.dtype)
+        side = self.image_size // self.patch_size
+        grid = (images.shape[1] // self.patch_size, images.shape[2] // self.patch_size)
+        return tokens + resize_pos_embed(pos, side, grid).astype(self.dtype)
+
+
+def resize_pos_embed(pos: jax.Array, side: int, grid: tuple[int, int]) -> jax.Array:
+    """Position embedding `[side*side, D]` of a square patch grid -> `[grid_h*grid_w, D]`.
+
+    Bicubic interpolation of the grid (half-pixel centres, no antialiasing: DINO's
+    `interpolate_pos_encoding`); the embedding itself, unchanged, when the grid is the same.
+    """
+    if grid == (side, side):
+        return pos
+    dim = pos.shape[-1]
+    grid_pos = jax.image.resize(pos.reshape(side, side, dim), (*grid, dim), "bicubic",
+                                antialias=False)
+    return grid_pos.reshape(grid[0] * grid[1], dim)
 
 
 class Attention(nn.Module):
@@ -190,6 +212,24 @@ class DINONet(nn.Module):
         return self.dino_head(feature), feature
 
 
+class ImageDINONet(nn.Module):
+    """Standard (image) DINO's student / teacher: head + body + DINO head, all trained.
+
+    For the baselines that train on raw images (FedAvg-DINO, centralized DINO). The head
+    should have `interpolate_pos=True` so that local crops smaller than `image_size` fit.
+    Parameters `{"head", "body", "dino_head"}`: the distillation step treats them as
+    `DINONet`'s, with the head trained, decayed and averaged like the body.
+    """
+    head: ViTHead
+    body: ViTBody
+    dino_head: DINOHead
+
+    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """images `[B, h, w, C]` -> (logits `[B, out_dim]`, class feature `[B, D]`)."""
+        feature, _ = self.body(self.head(images))
+        return self.dino_head(feature), feature
+
+
 class ViTClassifier(nn.Module):
     """A site's full model for its task: own head + trained body + classification tail."""
     head: ViTHead
@@ -221,9 +261,21 @@ def body_from_config(config) -> ViTBody:
                    attention=config.model.attention or None)
 
 
+def dino_head_from_config(config) -> DINOHead:
+    """The DINO projection head of `config.server`, computing in `config.model.dtype`."""
+    s = config.server
+    return DINOHead(out_dim=s.out_dim, hidden_dim=s.hidden_dim, bottleneck_dim=s.bottleneck_dim,
+                    norm_last_layer=s.norm_last_layer, dtype=jnp.dtype(config.model.dtype))
+
+
 def dino_net_from_config(config) -> DINONet:
     """Student / teacher network of `config.server`: body + DINO head."""
-    s = config.server
-    head = DINOHead(out_dim=s.out_dim, hidden_dim=s.hidden_dim, bottleneck_dim=s.bottleneck_dim,
-                    norm_last_layer=s.norm_last_layer, dtype=jnp.dtype(config.model.dtype))
-    return DINONet(body=body_from_config(config), dino_head=head)
+    return DINONet(body=body_from_config(config), dino_head=dino_head_from_config(config))
+
+
+def image_dino_net_from_config(config) -> ImageDINONet:
+    """Image DINO's student / teacher: the config's head (accepting any crop size), body and
+    DINO head, the same sizes as SMSD's so that the methods compare like for like."""
+    head = head_from_config(config).clone(interpolate_pos=True)
+    return ImageDINONet(head=head, body=body_from_config(config),
+                        dino_head=dino_head_from_config(config))

@@ -89,7 +89,8 @@ def unpermute(tokens: jax.Array, perm: jax.Array) -> jax.Array:
     return _gather_tokens(tokens, jnp.argsort(perm, axis=-1))
 
 
-def encrypt(key: jax.Array, tokens: jax.Array, keep: float) -> tuple[jax.Array, jax.Array]:
+def encrypt(key: jax.Array, tokens: jax.Array, keep: float,
+            shuffle: bool = True) -> tuple[jax.Array, jax.Array]:
     """What a site sends: masked sampling (keep `K` of `N` tokens), then a random permutation.
 
     Use a fresh key for every transmitted sample: a permutation reused across images leaks
@@ -99,6 +100,8 @@ def encrypt(key: jax.Array, tokens: jax.Array, keep: float) -> tuple[jax.Array, 
         key: a `jax.random` key.
         tokens: head output `[..., N, D]` (patch embedding plus position embedding).
         keep: fraction of tokens kept, in (0, 1].
+        shuffle: False skips the permutation (kept tokens stay in grid order): only for the
+          ablation that measures what the permutation costs; it hides nothing.
 
     Returns:
         `(sent, positions)`: `sent` `[..., K, D]` is the payload; `positions` `[..., K]` (int32)
@@ -108,5 +111,7 @@ def encrypt(key: jax.Array, tokens: jax.Array, keep: float) -> tuple[jax.Array, 
     """
     mask_key, perm_key = jax.random.split(key)
     kept, indices = mask_sample(mask_key, tokens, keep)
+    if not shuffle:
+        return kept, indices
     sent, perm = permute(perm_key, kept)
     return sent, jnp.take_along_axis(indices, perm, axis=-1)
