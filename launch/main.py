@@ -6,6 +6,11 @@ r"""One entry point for every stage of the single round.
     python -m launch.main --config=configs/quickstart.py --mode=server --workdir=runs/q
     python -m launch.main --config=configs/quickstart.py --mode=downstream --workdir=runs/q
 
+The server on several hosts (one process each; the workdir on a file system all of them see):
+    python -m launch.main --config=... --mode=server --workdir=... --distributed  # TPU pod, SLURM
+    python -m launch.main --config=... --mode=server --workdir=... --distributed \
+        --coordinator=HOST0:1234 --num_processes=N --process_id=I           # any other cluster
+
 Modes:
   init        consortium set-up: draw the frozen head from a secret seed, split the data into
               sites (a simulation of N sites on one machine), write both under the workdir.
@@ -37,7 +42,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from smsd_jax import checkpoint, consortium, data, downstream as downstream_stage, export
-from smsd_jax import report, server as server_stage, site as site_stage, validate
+from smsd_jax import distributed, report, server as server_stage, site as site_stage, validate
 from smsd_jax.privacy.study import run_privacy
 
 MODES = ("simulate", "init", "site", "server", "downstream", "report", "privacy")
@@ -54,6 +59,14 @@ _FINGERPRINT = flags.DEFINE_string(
     "init); a head that does not match it is refused.")
 _BODY = flags.DEFINE_string("body", None, "Body export for --mode=downstream "
                             "(default: WORKDIR/server/body).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Join a multi-process run (one process "
+                                 "per host) before using any device; for --mode=server.")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "With --distributed: HOST:PORT of "
+                                   "process 0 (default: detected on TPU pods, SLURM, Open MPI).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --distributed: number of "
+                                      "processes (default: detected).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --distributed: this process's "
+                                   "rank, 0 to num_processes - 1 (default: detected).")
 
 
 class Layout:
@@ -197,6 +210,13 @@ def run(argv):
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/quickstart.py")
+    if _DISTRIBUTED.value:  # before anything touches jax devices (check_config does)
+        if _MODE.value != "server":
+            raise app.UsageError("--distributed is for --mode=server")
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    elif any(f.present for f in (flags.FLAGS["coordinator"], flags.FLAGS["num_processes"],
+                                 flags.FLAGS["process_id"])):
+        raise app.UsageError("--coordinator, --num_processes and --process_id need --distributed")
     validate.check_config(config)
     layout = Layout(_WORKDIR.value or config.workdir)
     head_dir = Path(_HEAD.value) if _HEAD.value else layout.head

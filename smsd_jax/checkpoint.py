@@ -70,13 +70,28 @@ def _replace_dir(tmp: Path, path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _checkpointer() -> ocp.StandardCheckpointer:
+    """An Orbax checkpointer of this process alone: an artifact is written by one process and
+    read by each process on its own, with no barrier across the processes of a run."""
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}))
+
+
 def save_artifact(path: str | os.PathLike, tree: Any, meta: dict) -> None:
-    """Saves `tree` (arrays) and `meta` (JSON-able; gets a `checksum` of the tree) at `path`."""
+    """Saves `tree` (arrays) and `meta` (JSON-able; gets a `checksum` of the tree) at `path`.
+
+    In a multi-process run only process 0 may call it (Orbax writes NumPy arrays from
+    process 0 alone).
+    """
+    if jax.process_index() != 0:
+        raise RuntimeError(f"process {jax.process_index()} cannot write the artifact {path}: "
+                           "only process 0 writes artifacts")
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     tree = jax.tree.map(np.asarray, jax.device_get(tree))
-    with ocp.StandardCheckpointer() as ckpt:
+    with _checkpointer() as ckpt:
         ckpt.save(tmp / TREE, tree)
     write_json(tmp / META, {**meta, "checksum": tree_checksum(tree)})
     _replace_dir(tmp, path)
@@ -95,7 +110,7 @@ def load_artifact(path: str | os.PathLike) -> tuple[Any, dict]:
     """Restores `(tree, meta)` as NumPy arrays and checks the tree against its checksum."""
     path = Path(path).absolute()
     meta = load_meta(path)
-    with ocp.StandardCheckpointer() as ckpt:
+    with _checkpointer() as ckpt:
         target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), ckpt.metadata(path / TREE)
                               .item_metadata)
         tree = ckpt.restore(path / TREE, target)

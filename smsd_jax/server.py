@@ -3,10 +3,17 @@
 Reads top to bottom: payloads, mesh, input pipeline, model and optimizer, sharded state,
 update step, checkpoint (resume), train loop, export. Running the same command again resumes
 from the last checkpoint, data-iterator state included.
+
+Multi-process (one process per host, after `distributed.initialize`): every process runs this
+same function over one mesh of all devices; the global batch of each step is the batch a
+single process would use, row for row. Process 0 alone writes metrics, TensorBoard events, the
+progress bar and the export; every process takes part in saving and restoring checkpoints,
+so `workdir` must be one folder that all of them see (a shared file system).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -16,17 +23,20 @@ from pathlib import Path
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from smsd_jax import checkpoint, distill, export, metrics, models, payload, sharding
+from smsd_jax import checkpoint, distill, distributed, export, metrics, models, payload
+from smsd_jax import sharding
 
 
 def run_server(config, payload_dirs: list[str | Path], workdir: str | Path) -> dict:
     """Trains the body on the payloads in `payload_dirs`; writes checkpoints, metrics and the
     body export under `workdir`. Returns the last logged metrics and the export's path."""
     cfg = config.server
+    primary = distributed.is_primary()
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
 
@@ -47,13 +57,20 @@ def run_server(config, payload_dirs: list[str | Path], workdir: str | Path) -> d
     if not manifests:
         raise ValueError(f"none of the {len(payload_dirs)} payloads could be used")
     first = next(iter(manifests.values()))
+    # Every process holds all the tokens (payloads are ~10 KB an image) and reads only the
+    # rows of its own devices from them (input pipeline below).
     tokens = np.concatenate(site_tokens)  # [images, M, K, D]
     num_images = len(tokens)
-    print(f"server: {num_images} images from {len(manifests)} sites, tokens "
-          f"{tokens.shape[1:]} {tokens.dtype} ({tokens.nbytes / 2**20:.1f} MB)")
+    if primary:
+        print(f"server: {num_images} images from {len(manifests)} sites, tokens "
+              f"{tokens.shape[1:]} {tokens.dtype} ({tokens.nbytes / 2**20:.1f} MB)")
 
     # ---------------------------------------------------------------- Mesh
     mesh = sharding.make_mesh(cfg.num_devices or None)
+    if jax.process_count() > 1 and mesh.size != jax.device_count():
+        raise ValueError(f"config.server.num_devices={cfg.num_devices} but a run of "
+                         f"{jax.process_count()} processes uses all {jax.device_count()} "
+                         "devices; leave it 0")
     sharding.check_batch_size(cfg.batch_size, mesh)
     if cfg.batch_size > num_images:
         raise ValueError(f"config.server.batch_size={cfg.batch_size} exceeds the {num_images} "
@@ -62,12 +79,9 @@ def run_server(config, payload_dirs: list[str | Path], workdir: str | Path) -> d
     total_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
 
     # ---------------------------------------------------------------- Input pipeline
-    # Each process streams its own slice; per-epoch reshuffle is grain's.
-    local_batch = cfg.batch_size // jax.process_count()
-    dataset = (grain.MapDataset.source(tokens).seed(config.seed).shuffle().repeat()
-               [jax.process_index()::jax.process_count()]
-               .batch(local_batch, drop_remainder=True).to_iter_dataset())
-    batches = iter(dataset)
+    # Step s trains on rows [s*B, (s+1)*B) of one shuffled stream (reshuffled every epoch by
+    # grain), whatever the number of processes; each process reads only its devices' rows.
+    batches = iter(_local_batches(tokens, config.seed, cfg.batch_size, mesh))
 
     # ---------------------------------------------------------------- Model and optimizer
     net = models.dino_net_from_config(config)
@@ -94,18 +108,19 @@ def run_server(config, payload_dirs: list[str | Path], workdir: str | Path) -> d
         max_to_keep=cfg.keep_checkpoints, create=True))
     state = _restore_latest(manager, state, batches)
 
-    def save(state):
+    def save(state):  # every process; the iterator state is the same on each of them
         manager.save(int(state.step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(dict(iterator=batches.get_state(),
-                                        checksum=_state_checksum(state)))))
+                                        fingerprint=_state_fingerprint(state)))))
 
     # ---------------------------------------------------------------- Train loop
     start_step = int(state.step)
     log = MetricsLog(workdir / "metrics.jsonl", out_dim=cfg.out_dim, start_step=start_step,
-                     collapse_patience=cfg.collapse_patience)
+                     collapse_patience=cfg.collapse_patience, write=primary)
     pending, last = None, {}
-    bar = tqdm(total=total_steps, initial=start_step, unit="step", desc="server")
+    bar = tqdm(total=total_steps, initial=start_step, unit="step", desc="server",
+               disable=not primary)
     tick = time.perf_counter()
     for step in range(start_step, total_steps):
         # Payload dtype (float16) on the wire to the device; the step casts it there.
@@ -121,7 +136,7 @@ def run_server(config, payload_dirs: list[str | Path], workdir: str | Path) -> d
             rate = cfg.log_every * cfg.batch_size / max(now - tick, 1e-9)
             tick = now
             log.rate = rate
-            log.events.flush()
+            log.flush()
             bar.set_postfix(loss=f"{last.get('loss', float('nan')):.3f}",
                             H=f"{last.get('teacher_entropy', float('nan')):.2f}",
                             img_s=f"{rate:.0f}")
@@ -130,48 +145,130 @@ def run_server(config, payload_dirs: list[str | Path], workdir: str | Path) -> d
     if pending is not None:
         last = log.check_and_write(*pending, manager.latest_step())
     bar.close()
-    log.events.close()
+    log.close()
     manager.wait_until_finished()
 
     # ---------------------------------------------------------------- Export
     body_dir = workdir / "body"
-    export.save_body(body_dir, net.body, jax.device_get(state.teacher["body"]),
-                     step=int(state.step), head_fingerprint=first["head_fingerprint"],
-                     sites=len(manifests), images=num_images)
+    body = distributed.fetch(state.teacher["body"])  # every process: FSDP shards are gathered
+    if primary:
+        export.save_body(body_dir, net.body, body, step=int(state.step),
+                         head_fingerprint=first["head_fingerprint"], sites=len(manifests),
+                         images=num_images)
+    distributed.barrier("server export")  # every process returns once the export is written
     manager.close()
     return dict(last, body=str(body_dir), steps=total_steps, images=num_images)
 
 
-def _state_checksum(state) -> str | None:
-    """Checksum of the training state; None where one process cannot see all of it."""
-    if jax.process_count() > 1:
-        return None
-    return checkpoint.tree_checksum(jax.device_get(state))
+def _local_rows(mesh, batch_size: int) -> np.ndarray:
+    """The rows of a global batch that this process's devices hold, in the order
+    `sharding.put_batch` expects them: its devices' blocks of the "data" axis, ascending.
+
+    With processes in mesh order (CPU, GPU) process p gets rows [p*L, (p+1)*L); a TPU mesh may
+    interleave the hosts' devices, which these rows follow too.
+    """
+    index = sharding.batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
+    per_device = batch_size // mesh.size
+    starts = sorted({rows.start or 0 for rows, in index.values()})
+    return np.concatenate([np.arange(start, start + per_device) for start in starts])
+
+
+def _local_batches(tokens: np.ndarray, seed: int, batch_size: int, mesh) -> grain.IterDataset:
+    """This process's part of every step's batch: step s is rows [s*B, (s+1)*B) of the
+    shuffled stream (the one-process batch), of which this process reads `_local_rows`.
+
+    Its iterator's state counts steps (the same on every process), so any process's state
+    restores all of them.
+    """
+    per_device = batch_size // mesh.size
+    blocks = (grain.MapDataset.source(tokens).seed(seed).shuffle().repeat()
+              .batch(per_device, drop_remainder=True))  # block j of step s: s * devices + j
+    mine = _local_rows(mesh, batch_size)[::per_device] // per_device
+    steps = grain.MapDataset.range(len(blocks) // mesh.size)
+    return steps.map(lambda s: np.concatenate([blocks[s * mesh.size + j] for j in mine])
+                     ).to_iter_dataset()
+
+
+def _mix(h: jax.Array) -> jax.Array:
+    """MurmurHash3's finalizer: a one-to-one map of uint32 values that spreads every bit."""
+    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+    """The sum, modulo 2**32, of a hash of each element's bits and position: changing any one
+    element changes it (the hash is one-to-one in the bits), moving elements all but surely.
+    Integer sums do not depend on the order of addition, so it is exact however the leaf is
+    split over devices and processes."""
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)  # 8 bytes: [..., 2]
+    position, stride = jnp.zeros(bits.shape, jnp.uint32), 1
+    for axis in reversed(range(bits.ndim)):
+        position += jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride)
+        stride = stride * bits.shape[axis] % 2**32
+    return jnp.sum(_mix(bits ^ _mix(position)), dtype=jnp.uint32)
+
+
+_fingerprints = jax.jit(lambda tree: jax.tree.map(_leaf_fingerprint, tree))
+
+
+def _state_fingerprint(state) -> str:
+    """A checksum of the training state, the same for any mesh and number of processes.
+
+    Computed where the arrays are (no copy to the host); a collective in a multi-process run:
+    every process calls it and gets the same value.
+    """
+    sums = jax.device_get(_fingerprints(state))  # scalars: replicated, readable everywhere
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    return hashlib.sha256("".join(
+        f"{jax.tree_util.keystr(path)}|{leaf.shape}|{leaf.dtype}|{int(value)};"
+        for (path, leaf), value in zip(leaves, jax.tree.leaves(sums))).encode()).hexdigest()
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int, why: str) -> None:
+    """Renames checkpoint `step` to `<step>.damaged` (process 0; every process calls this)."""
+    damaged = Path(manager.directory) / str(step)
+    warnings.warn(f"checkpoint {damaged} is damaged ({why}); kept aside as {damaged}.damaged, "
+                  "trying the one before it")
+    if distributed.is_primary():
+        os.replace(damaged, damaged.with_name(f"{step}.damaged"))
+    distributed.barrier(f"checkpoint {step} set aside")
+    manager.reload()
 
 
 def _restore_latest(manager: ocp.CheckpointManager, state, batches):
-    """The newest checkpoint that restores and matches its checksum, else `state` unchanged.
+    """The newest checkpoint that restores and matches its fingerprint, else `state` unchanged.
 
-    A damaged newest checkpoint is reported and the one before it is used.
+    A damaged newest checkpoint is reported and the one before it is used. In a multi-process
+    run a checkpoint that fails to restore stops the run instead (a process may fail where
+    the others do not, and they cannot agree to go on); a fingerprint mismatch is the same on
+    every process and is set aside as in a single-process run.
     """
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-            expected = restored.data["checksum"]
-            if expected is not None and _state_checksum(restored.state) != expected:
-                raise ValueError("the restored arrays do not match the saved checksum")
         except Exception as e:  # Orbax / tensorstore errors on damaged files vary by version.
-            damaged = Path(manager.directory) / str(step)
-            warnings.warn(f"checkpoint {damaged} is damaged ({type(e).__name__}: "
-                          f"{str(e)[:200]}); kept aside as {damaged}.damaged, trying the one "
-                          "before it")
-            os.replace(damaged, damaged.with_name(f"{step}.damaged"))
-            manager.reload()
+            why = f"{type(e).__name__}: {str(e)[:200]}"
+            if jax.process_count() > 1:
+                raise ValueError(
+                    f"checkpoint {Path(manager.directory) / str(step)} does not restore ({why}); "
+                    "move it away (e.g. to <step>.damaged) and rerun to use the one before it"
+                ) from e
+            _set_aside(manager, step, why)
+            continue
+        # Checkpoints written before fingerprints existed are not checked.
+        expected = restored.data.get("fingerprint")
+        if expected is not None and _state_fingerprint(restored.state) != expected:
+            _set_aside(manager, step, "the restored arrays do not match the saved fingerprint")
             continue
         batches.set_state(restored.data["iterator"])
-        print(f"server: resumed from step {step}")
+        if distributed.is_primary():
+            print(f"server: resumed from step {step}")
         return restored.state
     if manager.all_steps():
         raise ValueError(f"no checkpoint in {manager.directory} can be restored; move the folder "
@@ -188,11 +285,19 @@ def _logged_step(line: str) -> int | None:
 
 
 class MetricsLog:
-    """One JSON line of metrics per step; stops the run at the first non-finite loss."""
+    """One JSON line of metrics per step; stops the run at the first non-finite loss.
 
-    def __init__(self, path: Path, out_dim: int, start_step: int, collapse_patience: int):
+    Every process checks the (global) metrics; only the one made with `write` (process 0)
+    writes them, to the file and to TensorBoard.
+    """
+
+    def __init__(self, path: Path, out_dim: int, start_step: int, collapse_patience: int,
+                 write: bool = True):
         self.path, self.max_entropy, self.rate = path, math.log(out_dim), float("nan")
         self.patience, self.collapsed_steps, self.warned = collapse_patience, 0, False
+        self.write, self.events = write, None
+        if not write:
+            return
         if path.exists():  # A resumed run logs again the steps after its checkpoint.
             checkpoint.write_text(path, "".join(
                 line + "\n" for line in path.read_text().splitlines()
@@ -208,10 +313,19 @@ class MetricsLog:
                 "(it resumes from there)")
         row.update(step=step, max_entropy=self.max_entropy, images_per_s=self.rate)
         self._watch_collapse(row["teacher_entropy"], step)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        self.events.scalars(step, {k: v for k, v in row.items() if k != "step"})
+        if self.write:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.events.scalars(step, {k: v for k, v in row.items() if k != "step"})
         return row
+
+    def flush(self) -> None:
+        if self.events:
+            self.events.flush()
+
+    def close(self) -> None:
+        if self.events:
+            self.events.close()
 
     def _watch_collapse(self, entropy: float, step: int) -> None:
         """Warns once when the teacher's entropy sits near ln(out_dim) (uniform collapse) or
