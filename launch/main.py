@@ -23,6 +23,9 @@ Modes:
   privacy     attacks of an honest-but-curious server on payloads made as sites make them
               (config.privacy); writes results/privacy.{json,md} and reconstruction PNGs:
               python -m launch.main --config=configs/privacy_fashion.py --mode=privacy
+  study       SMSD against fine-tune only, FedAvg-DINO and centralized DINO (seeds, IID and
+              Dirichlet sites, ablations, bytes and FLOPs); resumes; writes results/study.{json,md}
+              and PNG figures: python -m launch.main --config=configs/study_fashion.py --mode=study
 
 Workdir layout: consortium/head (never given to the server), partition.json,
 sites/site_K/secret.json (a site's permutation key, never sent), payloads/site_K (uploads),
@@ -44,8 +47,9 @@ from ml_collections import config_flags
 from smsd_jax import checkpoint, consortium, data, downstream as downstream_stage, export
 from smsd_jax import distributed, report, server as server_stage, site as site_stage, validate
 from smsd_jax.privacy.study import run_privacy
+from smsd_jax.study import run_study
 
-MODES = ("simulate", "init", "site", "server", "downstream", "report", "privacy")
+MODES = ("simulate", "init", "site", "server", "downstream", "report", "privacy", "study")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py"
                                           "[:variant,...]).", lock_config=True)
 _MODE = flags.DEFINE_enum("mode", "simulate", MODES, "Which stage to run.")
@@ -232,6 +236,8 @@ def run(argv):
         server(config, layout, dirs)
     elif mode == "privacy":
         run_privacy(config, layout.root)
+    elif mode == "study":
+        run_study(config, layout.root)
     elif mode == "report":
         for path in report.draw_report(layout.root):
             print(f"report: {path}")

@@ -1,0 +1,262 @@
+"""The comparison study (`--mode=study`): SMSD against its baselines on the same data.
+
+Every method pre-trains the same ViT on the same sites' images (`config.data.subset` of the
+train split, split over `config.data.num_sites` sites by each of `config.study.partitions`),
+then goes through one downstream protocol (`downstream.evaluate_pretrained`: linear probe and
+k-NN on frozen features, and fine-tuning of head + body + tail, at each label fraction):
+
+- smsd: the single round (head -> masked, permuted payloads -> server distillation);
+- fedavg_dino: DINO with image multi-crop at each site, weights averaged for R rounds;
+- centralized_dino: DINO with image multi-crop on the pooled images (privacy forbids it);
+- finetune_only: no pre-training; random head and body trained on the labels.
+
+Matched compute: SMSD's server and centralized DINO see `config.server.epochs` epochs of the
+pooled images, FedAvg-DINO `rounds x local_epochs` epochs at each site: the same number of
+images. Per image, image multi-crop costs more FLOPs than SMSD's token views; the FLOPs are
+measured and reported, not matched. Ablations change one SMSD setting each (`config.study`).
+
+Each run writes `run.json` in its own folder when it is complete; running the command again
+skips complete runs, so an interrupted study resumes. Results: `WORKDIR/results/study.json`,
+`study.md` and PNG figures (`study_report`).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from smsd_jax import accounting, baselines, checkpoint, consortium, data, distill, downstream
+from smsd_jax import export, models, ops, server, site, study_report
+
+METHODS = ("smsd", "fedavg_dino", "centralized_dino", "finetune_only")
+POOLED = ("centralized_dino", "finetune_only")  # do not depend on how the sites split the data
+RUN_FILE = "run.json"
+
+
+# ---------------------------------------------------------------- settings of a run
+
+
+def ablation_config(config, ablation: str):
+    """`config` with the one SMSD setting that `ablation` names changed.
+
+    Ablations: `keep=<fraction>` (site.keep), `samples=<M>` (site.num_samples),
+    `no_permutation` (site.permute False), `public_head` (the head drawn from a published
+    seed: the server could know it; same training, see results/privacy.md for what it leaks).
+    """
+    c = copy.deepcopy(config)
+    name, _, value = ablation.partition("=")
+    with c.unlocked():
+        if name == "keep" and value:
+            c.site.keep = float(value)
+        elif name == "samples" and value:
+            c.site.num_samples = int(value)
+        elif ablation == "no_permutation":
+            c.site.permute = False
+        elif ablation == "public_head":
+            c.consortium_seed = 0  # published: anyone can rebuild the head
+        else:
+            raise ValueError(f"config.study.ablations has {ablation!r}; use keep=<fraction>, "
+                             "samples=<M>, no_permutation or public_head")
+    return c
+
+
+def seeded(config, seed: int, partition: str):
+    """`config` for one seed and partition: data split, label subsets, init and keys."""
+    c = copy.deepcopy(config)
+    with c.unlocked():
+        c.seed = seed
+        c.data.partition = partition
+        if c.consortium_seed < 0:
+            raise ValueError("config.consortium_seed must be >= 0 in a study (a reproducible "
+                             "head per seed); it is offset by the seed")
+        c.consortium_seed += seed
+        c.site.secret_seed = max(c.site.secret_seed, 0) + 100 * seed
+    return c
+
+
+def site_parts(config, train) -> list[np.ndarray]:
+    """The sites' image indices under `config.data` (subset, partition, seed)."""
+    n = min(len(train), config.data.subset) if config.data.subset > 0 else len(train)
+    return data.partition(train.labels[:n], config.data.partition, config.data.num_sites,
+                          config.seed, alpha=config.data.alpha)
+
+
+# ---------------------------------------------------------------- SMSD cost
+
+
+def _server_step_flops(config, token_shape: tuple[int, int, int]) -> float:
+    """FLOPs of one server step at `config.server.batch_size` on samples `[M, K, D]`."""
+    net = models.dino_net_from_config(config)
+    schedules = distill.make_schedules(config.server, 1, 1)
+    tx = distill.make_optimizer(config.server, schedules)
+    state = jax.eval_shape(lambda k: distill.init_state(k, net, tx, token_shape[1:]),
+                           jax.random.key(0))
+    batch = jax.ShapeDtypeStruct((config.server.batch_size, *token_shape), jnp.float16)
+    step = distill.make_distill_step(net, tx, schedules, config.server)
+    return accounting.compiled_flops(step, state, batch, jax.random.key(0))
+
+
+def _site_flops_per_image(config, head: models.ViTHead, head_params) -> float:
+    """FLOPs a site spends per image: head and encryption of its M samples."""
+    m, size, c = config.site.num_samples, config.data.image_size, config.data.channels
+    images = jax.ShapeDtypeStruct((1, m, size, size, c), jnp.float32)
+    encode = functools.partial(site.encode_batch, head, keep=config.site.keep,
+                               mean=config.data.mean, std=config.data.std,
+                               shuffle=config.site.permute)
+    return accounting.compiled_flops(encode, head_params, images,
+                                      site.image_keys(0, 0, 1))
+
+
+# ---------------------------------------------------------------- methods
+
+
+def _run_smsd(config, run_dir: Path, train, parts) -> tuple:
+    """The single round into `run_dir`: (head, head params, body, body params, cost)."""
+    head_dir = run_dir / "consortium" / "head"
+    if not head_dir.exists():
+        consortium.init_head(config, head_dir, secret_seed=config.consortium_seed)
+    start = time.perf_counter()
+    payload_dirs, manifests = [], []
+    for k, idx in enumerate(parts):
+        payload_dirs.append(run_dir / "payloads" / f"site_{k}")
+        manifests.append(site.run_site(config, k, train, idx, head_dir, payload_dirs[-1],
+                                       secret_seed=config.site.secret_seed + k))
+    final = server.run_server(config, payload_dirs, run_dir / "server")
+    wall = time.perf_counter() - start
+    head, head_params, _ = consortium.load_head(head_dir)
+    body, body_params, _ = export.load_body(final["body"])
+    m = manifests[0]
+    per_image = _site_flops_per_image(config, head, head_params)
+    step_flops = _server_step_flops(config, (m["num_samples"], m["tokens"], m["dim"]))
+    body_bytes = accounting.folder_bytes(final["body"])
+    cost = dict(
+        upload_bytes_per_site=[accounting.folder_bytes(d) for d in payload_dirs],
+        download_bytes_per_site=[body_bytes] * len(parts),
+        client_flops_per_site=[per_image * len(idx) for idx in parts],
+        server_flops=step_flops * final["steps"], images_seen=final["steps"] *
+        config.server.batch_size, rounds=1, wall_s=wall)
+    return head, head_params, body, body_params, cost
+
+
+def _pretrained_cost(pre: baselines.Pretrained, rounds: int) -> dict:
+    return dict(upload_bytes_per_site=list(pre.upload_bytes_per_site),
+                download_bytes_per_site=list(pre.download_bytes_per_site),
+                client_flops_per_site=list(pre.client_flops_per_site),
+                server_flops=pre.server_flops, images_seen=pre.images_seen, rounds=rounds,
+                wall_s=pre.wall_s)
+
+
+def run_method(config, method: str, run_dir: Path, train, test) -> dict:
+    """Pre-trains with `method`, evaluates downstream; returns the run's record."""
+    parts = site_parts(config, train)
+    if method == "smsd":
+        head, head_params, body, body_params, cost = _run_smsd(config, run_dir, train, parts)
+    elif method in ("fedavg_dino", "centralized_dino"):
+        if method == "fedavg_dino":
+            pre = baselines.pretrain_fedavg(config, train, parts, seed=config.seed)
+            rounds = config.baselines.rounds
+        else:
+            pre = baselines.pretrain_centralized(config, train, np.concatenate(parts),
+                                                 seed=config.seed, site_indices=parts)
+            rounds = 1
+        head, head_params, body, body_params = (pre.head, pre.head_params, pre.body,
+                                                pre.body_params)
+        cost = _pretrained_cost(pre, rounds)
+    elif method == "finetune_only":
+        head, head_params = models.head_from_config(config), None
+        body, body_params = models.body_from_config(config), None
+        cost = dict(upload_bytes_per_site=[0] * len(parts),
+                    download_bytes_per_site=[0] * len(parts),
+                    client_flops_per_site=[0.0] * len(parts), server_flops=0.0, images_seen=0,
+                    rounds=0, wall_s=0.0)
+    else:
+        raise ValueError(f"config.study.methods has {method!r}; use any of {METHODS}")
+    # Downstream always runs in float32, whatever the pre-training computed in.
+    body = body.clone(dtype=jnp.float32)
+    start = time.perf_counter()
+    results = downstream.evaluate_pretrained(
+        config, head, head_params, body, body_params, train_source=train, test_source=test,
+        name=f"{method} {config.data.partition} seed {config.seed}")
+    return dict(method=method, partition=config.data.partition, seed=config.seed,
+                results=results, cost=cost, downstream_s=time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def plan(config) -> list[dict]:
+    """Every run of the study, in order: `{"kind", "method", "partition", "seed", "ablation",
+    "dir"}` (dir relative to the study folder). Pooled methods run once per seed."""
+    s = config.study
+    runs = []
+    for seed in s.seeds:
+        for method in s.methods:
+            partitions = ("pooled",) if method in POOLED else s.partitions
+            for partition in partitions:
+                runs.append(dict(kind="method", method=method, partition=partition, seed=seed,
+                                 ablation="", dir=f"{partition}/seed{seed}/{method}"))
+        if s.pixels:
+            runs.append(dict(kind="pixels", method="raw_pixels", partition="pooled", seed=seed,
+                             ablation="", dir=f"pooled/seed{seed}/raw_pixels"))
+    for ablation in s.ablations:
+        runs.append(dict(kind="ablation", method="smsd", partition=s.ablation_partition,
+                         seed=s.ablation_seed, ablation=ablation,
+                         dir=f"ablations/{ablation.replace('=', '_')}"))
+    return runs
+
+
+def _execute(config, run: dict, run_dir: Path, train, test) -> dict:
+    # A pooled method is given a partition only to build its (unused) site split.
+    partition = run["partition"] if run["partition"] != "pooled" else "iid"
+    c = seeded(config, run["seed"], partition)
+    if run["kind"] == "pixels":
+        results = downstream.evaluate_pixels(c, train, test)
+        return dict(method="raw_pixels", partition="pooled", seed=run["seed"], results=results,
+                    cost=None, downstream_s=0.0)
+    if run["ablation"]:
+        c = ablation_config(c, run["ablation"])
+        if not config.study.ablation_finetune:
+            with c.unlocked():
+                c.downstream.finetune_fractions = ()
+    record = run_method(c, run["method"], run_dir, train, test)
+    record["partition"] = run["partition"]
+    return record
+
+
+def run_study(config, workdir: str | Path) -> dict:
+    """Runs (or resumes) every run of `plan(config)`; writes the results and figures."""
+    root = Path(workdir).absolute()
+    study_dir = root / "study"
+    train, test = data.load_source(config.data, "train"), data.load_source(config.data, "test")
+    runs = plan(config)
+    records, start, spent = [], time.perf_counter(), []
+    for i, run in enumerate(runs):
+        run_dir = study_dir / run["dir"]
+        done = run_dir / RUN_FILE
+        if done.exists():
+            record = checkpoint.read_json(done)
+            print(f"study [{i + 1}/{len(runs)}] {run['dir']}: done before, kept")
+        else:
+            t = time.perf_counter()
+            print(f"study [{i + 1}/{len(runs)}] {run['dir']} ...", flush=True)
+            record = dict(_execute(config, run, run_dir, train, test), ablation=run["ablation"])
+            record["seconds"] = time.perf_counter() - t
+            checkpoint.write_json(done, record)
+            spent.append(record["seconds"])
+            left = len(runs) - i - 1
+            print(f"study [{i + 1}/{len(runs)}] {run['dir']}: {record['seconds']:.0f} s; "
+                  f"elapsed {(time.perf_counter() - start) / 60:.1f} min, ETA "
+                  f"{left * np.mean(spent) / 60:.1f} min", flush=True)
+        records.append(record)
+    summary = study_report.summarize(config, records)
+    summary["wall_s"] = time.perf_counter() - start
+    paths = study_report.write(summary, root / "results")
+    for path in paths:
+        print(f"study: {path}")
+    return summary

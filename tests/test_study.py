@@ -1,0 +1,111 @@
+"""The comparison study: its plan, its statistics, and a whole tiny study from the CLI."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from configs import study_fashion
+from smsd_jax import study, study_report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_plan_runs_pooled_methods_once_per_seed():
+    config = study_fashion.get_config()
+    runs = study.plan(config)
+    methods = [(r["method"], r["partition"], r["seed"]) for r in runs if r["kind"] == "method"]
+    assert len(methods) == len(set(methods))
+    for seed in config.study.seeds:
+        for method in ("smsd", "fedavg_dino"):
+            assert {p for m, p, s in methods if m == method and s == seed} == {"iid", "dirichlet"}
+        for method in study.POOLED:
+            assert [p for m, p, s in methods if m == method and s == seed] == ["pooled"]
+    ablations = [r for r in runs if r["kind"] == "ablation"]
+    assert [r["ablation"] for r in ablations] == list(config.study.ablations)
+    assert len({r["dir"] for r in runs}) == len(runs)  # every run has its own folder
+
+
+def test_ablation_changes_one_setting():
+    config = study_fashion.get_config()
+    assert study.ablation_config(config, "keep=0.25").site.keep == 0.25
+    assert study.ablation_config(config, "samples=4").site.num_samples == 4
+    assert study.ablation_config(config, "no_permutation").site.permute is False
+    public = study.ablation_config(config, "public_head")
+    assert public.consortium_seed != config.consortium_seed and public.site == config.site
+    assert config.site.keep == 0.5 and config.site.permute  # the original is untouched
+    with pytest.raises(ValueError, match="'keep_half'"):
+        study.ablation_config(config, "keep_half")
+
+
+def _record(method, partition, seed, accuracy, upload=1000):
+    metrics = {"accuracy": accuracy, "auc": 0.5 + accuracy / 2}
+    cost = dict(upload_bytes_per_site=[upload, upload], download_bytes_per_site=[10, 10],
+                client_flops_per_site=[1e9, 1e9], server_flops=1e12, images_seen=100,
+                rounds=1, wall_s=1.0)
+    return dict(method=method, partition=partition, seed=seed, ablation="", cost=cost,
+                results={"name": method, "linear": {"0.1": metrics}, "finetune": {"0.1": metrics}})
+
+
+def test_summary_statistics_over_seeds():
+    config = study_fashion.get_config()
+    config.study.partitions = ("iid",)
+    smsd, fedavg = [0.70, 0.74, 0.75], [0.60, 0.61, 0.65]
+    records = ([_record("smsd", "iid", s, a) for s, a in enumerate(smsd)]
+               + [_record("fedavg_dino", "iid", s, a, upload=5000) for s, a in enumerate(fedavg)]
+               + [_record("finetune_only", "pooled", s, 0.5) for s in range(3)])
+    summary = study_report.summarize(config, records)
+    cell = summary["table"]["iid"]["smsd"]["linear"]["0.1"]["accuracy"]
+    assert cell["mean"] == pytest.approx(np.mean(smsd))
+    assert cell["std"] == pytest.approx(np.std(smsd, ddof=1)) and cell["n"] == 3
+    # A pooled method's runs appear under every partition.
+    assert summary["table"]["iid"]["finetune_only"]["finetune"]["0.1"]["accuracy"]["n"] == 3
+    diff = summary["comparisons"]["iid"]["smsd - fedavg_dino"]["linear"]["0.1"]
+    assert diff["mean"] == pytest.approx(np.mean(smsd) - np.mean(fedavg))
+    assert summary["cost"]["iid"]["fedavg_dino"]["upload_bytes_per_site"] == 5000
+    text = study_report.markdown(summary)
+    assert f"{100 * np.mean(smsd):.1f} ± {100 * np.std(smsd, ddof=1):.1f}" in text
+    assert "FedAvg-DINO" in text and "Cost, sites iid" in text
+
+
+def _run_study(workdir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "launch.main", "--config=configs/study_fashion.py:tiny",
+         "--mode=study", f"--workdir={workdir}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def test_tiny_study_from_the_cli_and_resume(tmp_path):
+    proc = _run_study(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = tmp_path / "results"
+    summary = json.loads((results / "study.json").read_text())
+    table = summary["table"]["iid"]
+    assert set(table) == {"smsd", "fedavg_dino", "centralized_dino", "finetune_only",
+                          "raw_pixels"}
+    for method in ("smsd", "fedavg_dino", "centralized_dino", "finetune_only"):
+        for probe in ("linear", "knn", "finetune"):
+            assert set(table[method][probe]) == {"0.1", "1"}, (method, probe)
+            for cell in table[method][probe].values():
+                assert 0.0 <= cell["accuracy"]["mean"] <= 1.0
+                assert 0.0 <= cell["auc"]["mean"] <= 1.0
+    cost = summary["cost"]["iid"]
+    # SMSD uploads once: the payload; FedAvg-DINO a model exchange per round.
+    assert cost["smsd"]["rounds"] == 1 and cost["smsd"]["upload_bytes_per_site"] > 0
+    assert cost["fedavg_dino"]["client_flops_per_site"] > cost["smsd"]["client_flops_per_site"]
+    assert cost["finetune_only"]["upload_bytes_per_site"] == 0
+    assert cost["centralized_dino"]["server_flops"] > 0
+    # The ablation ran and is reported apart from the methods.
+    assert [a["name"] for a in summary["ablations"]] == ["no_permutation"]
+    for name in (study_report.FRACTIONS_PNG, study_report.BYTES_PNG):
+        assert (results / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| SMSD (single round) |" in (results / "study.md").read_text()
+
+    # Running again keeps every finished run and rebuilds the same tables.
+    again = _run_study(tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("done before, kept") == len(summary["runs"])
+    assert json.loads((results / "study.json").read_text())["table"] == summary["table"]
