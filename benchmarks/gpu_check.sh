@@ -27,11 +27,7 @@ PARTS="full/jax,full/eager,full/compile,masked/jax,masked/eager,full/jax:cudnn"
 PARTS="$PARTS,masked/jax:cudnn,masked/compile"
 
 # ---------------------------------------------------------------- 1. Wheels and data
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit
-if [ ! -e /usr/share/datasets/fashion-mnist ] && [ -d .whl/fashion-mnist ]; then
-  mkdir -p /usr/share/datasets && ln -s "$PWD/.whl/fashion-mnist" /usr/share/datasets/
-fi
+source benchmarks/gpu_env.sh
 
 # ---------------------------------------------------------------- 2. The machine
 {

@@ -13,7 +13,8 @@ from ml_collections import config_flags
 from smsd_jax import validate
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["benchmarks/gpu_check.sh", "benchmarks/fetch_gpu_wheels.sh", "launch/gpu_host.sh",
+SCRIPTS = ["benchmarks/gpu_check.sh", "benchmarks/gpu_env.sh", "launch/gpu_study.sh",
+           "benchmarks/fetch_gpu_wheels.sh", "launch/gpu_host.sh",
            "launch/tpu_pod.sh", "launch/setup.sh"]
 
 
