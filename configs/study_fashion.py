@@ -3,9 +3,9 @@ centralized DINO, with ablations (`smsd_jax/study.py` says what each run does).
 
     python -m launch.main --config=configs/study_fashion.py --mode=study
 
-CPU budget (2 cores, under 90 minutes; measured time in results/study.md): the first 4,000
-train images over 4 sites (IID, and Dirichlet alpha 0.5), tested on the first 4,000 test
-images. ViT `small4` (width 128, depth 4, 4 heads, patch 4: 49 tokens), the quickstart's
+CPU budget (2 cores, under 90 minutes: 68 min measured on 2026-11-26, part of it beside
+other jobs; results/study.md): the first 4,000 train images over 4 sites (IID, and Dirichlet
+alpha 0.5), tested on the first 4,000 test images. ViT `small4` (width 128, depth 4, 4 heads, patch 4: 49 tokens), the quickstart's
 DINO settings; 2 epochs of the pooled images at batch 64 (124 steps) for SMSD's server and
 centralized DINO, 2 rounds x 1 local epoch for FedAvg-DINO. Downstream: linear probe and
 k-NN at 1%, 10%, 100% of the 4,000 labels; fine-tuning at the same fractions for at most 50

@@ -87,9 +87,15 @@ def summarize(config, records: list[dict]) -> dict:
                        for other in ("fedavg_dino", "finetune_only", "centralized_dino")
                        if "smsd" in t and other in t}
                    for p, t in table.items()}
+    ablated = [r for r in records if r.get("ablation")]
+    # The reference row: SMSD's default run on the ablations' partition and seed.
+    default = [dict(r, ablation=f"default (keep {config.site.keep:g}, M "
+                                f"{config.site.num_samples}, permuted, secret head)")
+               for r in main if ablated and r["method"] == "smsd"
+               and r["partition"] == s.ablation_partition and r["seed"] == s.ablation_seed]
     ablations = [dict(name=r["ablation"], partition=r["partition"], seed=r["seed"],
                       metrics=_metric_stats([r]), cost=_cost_stats([r]))
-                 for r in records if r.get("ablation")]
+                 for r in default + ablated]
     setup = dict(
         data=config.data.source, images=config.data.subset, sites=config.data.num_sites,
         alpha=config.data.alpha, model=config.model.size, patch=config.model.patch_size,
@@ -190,8 +196,8 @@ def markdown(summary: dict) -> str:
         f"(the same images seen). SMSD sites: keep {s['keep']}, M = {s['samples']}. "
         f"Seeds {s['seeds']}; cells are mean ± std over seeds (accuracy %, 10 classes). "
         f"Fine-tuning: {s['finetune_epochs']} epochs, capped at "
-        f"{s['finetune_max_steps'] or 'no limit of'} steps. Wall time "
-        f"{summary.get('wall_s', 0) / 60:.1f} min.",
+        f"{s['finetune_max_steps'] or 'no limit of'} steps. Time: "
+        f"{summary.get('wall_s', 0) / 60:.1f} min, the sum of the runs' times.",
         "",
         "Fine-tune only and centralized DINO do not depend on how the sites split the data "
         "(labels are drawn from the pooled images), so their rows repeat in both tables; their "
@@ -237,7 +243,7 @@ def fractions_figure(table: dict) -> Figure:
     return fig
 
 
-def bytes_figure(summary: dict, probe: str = "finetune") -> Figure:
+def bytes_figure(summary: dict, probe: str = "linear") -> Figure:
     """Accuracy at the middle label fraction against the bytes each site uploads, per
     partition; SMSD ablations in grey. Fine-tune only uploads nothing: a dashed line."""
     table, cost = summary["table"], summary["cost"]
