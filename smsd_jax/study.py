@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from smsd_jax import accounting, baselines, checkpoint, consortium, data, distill, downstream
-from smsd_jax import export, models, ops, server, site, study_report
+from smsd_jax import export, models, server, site, study_report
 
 METHODS = ("smsd", "fedavg_dino", "centralized_dino", "finetune_only")
 POOLED = ("centralized_dino", "finetune_only")  # do not depend on how the sites split the data
