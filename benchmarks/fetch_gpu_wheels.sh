@@ -7,7 +7,7 @@
 # The image has jax 0.11.2 (CUDA), flax, optax, orbax, chex, torch and timm, but not grain,
 # ml-collections, pydicom or tensorboardX (the device README's KINDS.md lists what it has).
 # Wheels are for its Python 3.12 on x86-64, one version each (two stop the install), at the
-# versions requirements.txt resolves to here. Also copies Fashion-MNIST (31 MB) into
+# versions pyproject.toml resolves to here. Also copies Fashion-MNIST (31 MB) into
 # .whl/fashion-mnist for the tests that read real images; --no-data leaves it out.
 # .whl/ is git-ignored; nothing here is committed.
 set -euo pipefail
@@ -19,7 +19,7 @@ WHEELS=(
   portpicker==1.6.0      # grain's need
   ml-collections==1.1.0  # configs/
   pydicom==3.0.2         # smsd_jax.data.sources
-  tensorboardX==2.6.5    # smsd_jax.metrics (launch.main --mode=server)
+  tensorboardX==2.6.5    # smsd_jax.metrics_log (launch.main --mode=server)
 )
 FASHION_MNIST=/usr/share/datasets/fashion-mnist
 

@@ -10,7 +10,7 @@
 # 3. tests.log: the project's model and distillation tests on the GPU (not the 8-device test);
 # 4. server_step_S.{json,log}, server_step_B.{json,log}: benchmarks/server_step.py for ViT-S/16
 #    and ViT-B/16 at 224 px, the project's step against the PyTorch peer, in the order of
-#    PARTS (what matters most first: PERF.md's full-token comparison, then the masked views,
+#    PARTS (what matters most first: docs/performance.md's full-token comparison, then the masked views,
 #    then cuDNN attention), each size within its share of the time left;
 # 5. summary.txt: one line per timed part, and the tests' result.
 # Everything goes to $OUT, flat, 7 files. GPU_CHECK_SECONDS (default 460) is the whole budget.

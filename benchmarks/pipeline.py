@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from smsd_jax import checkpoint, consortium, data, distill, models, ops, payload, site
+from smsd_jax import consortium, data, distill, files, models, ops, payload, site
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Config file.")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/pipeline.json", "Where to write JSON.")
@@ -103,7 +103,7 @@ def main(argv):
         jax=jax.__version__,
         server_step=bench_server_step(config, _REPEATS.value, _STEPS.value),
         site_encoding=bench_site_encoding(config, _REPEATS.value))
-    checkpoint.write_json(_OUT.value, result)
+    files.write_json(_OUT.value, result)
     print(result)
 
 

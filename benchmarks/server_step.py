@@ -6,7 +6,8 @@ r"""The server's distillation step against a PyTorch peer, timed in one process 
         --time_budget_s=150
     python -m benchmarks.server_step        # no GPU: a small4 smoke run on CPU
 
-What is timed (PERF.md, "The server step"), for each size, view mode and implementation, in
+What is timed (docs/performance.md, "The server step"), for each size, view mode and
+implementation, in
 the order of `--parts` (by default every `--modes` x `--impls`, mode by mode):
 - `jax` (and `jax:xla`, `jax:cudnn`, the same with `config.model.attention` set): the project's
   own step, `distill.make_distill_step`, jitted with the state donated and sharded by
@@ -18,8 +19,8 @@ Both take the server's input, token sets `[batch, M, K, D]` as in a payload. The
 random: a throughput benchmark depends on shapes, not values.
 
 View modes: "full" (every token: keep 1.0, global_keep 1.0, no local views; the setting of
-PERF.md's reference table) and "masked" (the project's defaults from configs/base.py: site
-keep 0.5, global_keep 0.75, local_keep 0.25, num_local local views).
+docs/performance.md's reference table) and "masked" (the project's defaults from
+configs/base.py: site keep 0.5, global_keep 0.75, local_keep 0.25, num_local local views).
 
 Reported per entry: images/s (the median of `--windows` timed windows of `--steps` steps after
 `--warmup` steps, each window ended by a device synchronisation), model FLOPs from the real
@@ -63,11 +64,12 @@ import optax
 from absl import app, flags
 
 from configs import base
-from smsd_jax import accounting, checkpoint, distill, models, ops, sharding
+from smsd_jax import accounting, distill, files, models, ops, sharding
 
 START = time.perf_counter()  # --time_budget_s counts from here
 
-# size -> (image size, patch size, default batch). S and B at PERF.md's reference batches.
+# size -> (image size, patch size, default batch). S and B at the reference batches of
+# docs/performance.md.
 SIZES = {"S": (224, 16, 128), "B": (224, 16, 64), "small4": (28, 4, 8)}
 MODES = ("full", "masked")
 # What a part times. "jax" keeps config.model.attention; "jax:X" sets it to X.
@@ -363,7 +365,7 @@ class Run:
         for result in self.doc["results"]:
             add_ratios(result)
         self.doc["elapsed_s"] = time.perf_counter() - START
-        checkpoint.write_json(self.out, self.doc)
+        files.write_json(self.out, self.doc)
 
 
 def add_ratios(result: dict) -> None:
@@ -409,7 +411,8 @@ def header(settings: dict, on_cpu: bool) -> dict:
     if on_cpu:
         note = (f"CPU smoke run: no GPU visible, so {settings['sizes']} at tiny batches in "
                 f"{settings['dtype']} on {os.cpu_count()} CPU cores (out_dim "
-                f"{settings['out_dim']}); not comparable to PERF.md's GPU numbers; " + note)
+                f"{settings['out_dim']}); not comparable to docs/performance.md's GPU numbers; "
+                + note)
     print(f"server_step benchmark on {device.device_kind} ({jax.default_backend()}, "
           f"{jax.device_count()} devices): {note}", flush=True)
     matmul = jax_matmul_tflops(settings["matmul_size"], settings["dtype"])

@@ -1,11 +1,25 @@
 """Defaults shared by every experiment; experiment configs start from `base.get_config()`.
 
 Not an experiment itself: it trains the built-in data with the method's default choices
-(METHOD.md, "Choices this project makes"). Variants in `arg` (comma-separated):
-`runlocal` shrinks everything to a minute on a laptop CPU; `tiny` to seconds (tests).
+(docs/method.md, "Choices this project makes").
+
+It also holds the one parser of config variants, the `:runlocal,tiny` after a config's path
+(`apply_variants`), which every config in configs/ uses. The common variants `runlocal` and
+`tiny` exist for every config; a config adds its own or refines a common one.
+
+Variants (comma-separated after the path, applied in the order given):
+  `:runlocal`  shrinks everything to a minute on a laptop CPU;
+  `:tiny`      to seconds (tests).
 """
 
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
 import ml_collections
+
+from smsd_jax.errors import SMSDError
+
+Variant = Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict]
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -89,33 +103,76 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         finetune_max_steps=0,  # > 0: at most this many fine-tuning steps at any fraction
         eval_batch_size=1000,
     )
-    return apply_variants(c, arg)
+    return apply_variants(c, arg, config=__file__)
 
 
-def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-    """Shrinks a config by the comma-separated variants in `arg` (`runlocal`, `tiny`)."""
-    for variant in filter(None, (arg or "").split(",")):
-        if variant == "runlocal":
-            # A short run needs a teacher that follows faster and sharpens harder than
-            # DINO's long-run defaults, or it stays uniform (see configs/quickstart.py).
-            c.server.update(epochs=3.0, out_dim=1024, hidden_dim=512, checkpoint_every=50,
-                            log_every=5, teacher_momentum=0.99, teacher_temp=0.04,
-                            teacher_temp_final=0.04, warmup_epochs=0.3)
-            c.site.update(num_samples=2, batch_size=256)
-            c.downstream.update(linear_steps=200, finetune_epochs=2)
-            c.baselines.update(rounds=3, local_epochs=1.0)
-            c.data.subset = 4000
-        elif variant == "tiny":
-            c.model.size = "tiny"
-            c.server.update(batch_size=16, epochs=1.0, out_dim=64, hidden_dim=32,
-                            bottleneck_dim=16, num_local=2, checkpoint_every=10, log_every=2,
-                            warmup_epochs=0.0)
-            c.site.update(batch_size=64, shard_size=128)
-            c.baselines.update(rounds=1, local_epochs=1.0)
-            c.downstream.update(label_fractions=(0.5,), linear_steps=20, finetune_epochs=1,
-                                finetune_fractions=(0.5,), batch_size=32, eval_batch_size=100,
-                                knn_k=5)
-            c.data.subset = 256
-        else:
-            raise ValueError(f"unknown config variant {variant!r}; known: runlocal, tiny")
+def _runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A minute on a laptop CPU."""
+    # A short run needs a teacher that follows faster and sharpens harder than
+    # DINO's long-run defaults, or it stays uniform (see configs/quickstart.py).
+    c.server.update(epochs=3.0, out_dim=1024, hidden_dim=512, checkpoint_every=50,
+                    log_every=5, teacher_momentum=0.99, teacher_temp=0.04,
+                    teacher_temp_final=0.04, warmup_epochs=0.3)
+    c.site.update(num_samples=2, batch_size=256)
+    c.downstream.update(linear_steps=200, finetune_epochs=2)
+    c.baselines.update(rounds=3, local_epochs=1.0)
+    c.data.subset = 4000
     return c
+
+
+def _tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Seconds: the tests' size."""
+    c.model.size = "tiny"
+    c.server.update(batch_size=16, epochs=1.0, out_dim=64, hidden_dim=32,
+                    bottleneck_dim=16, num_local=2, checkpoint_every=10, log_every=2,
+                    warmup_epochs=0.0)
+    c.site.update(batch_size=64, shard_size=128)
+    c.baselines.update(rounds=1, local_epochs=1.0)
+    c.downstream.update(label_fractions=(0.5,), linear_steps=20, finetune_epochs=1,
+                        finetune_fractions=(0.5,), batch_size=32, eval_batch_size=100,
+                        knn_k=5)
+    c.data.subset = 256
+    return c
+
+
+# The variants every config accepts, in the order they are listed.
+COMMON: dict[str, Variant] = {"runlocal": _runlocal, "tiny": _tiny}
+
+
+def variant_names(own: Mapping[str, Variant] | None = None) -> tuple[str, ...]:
+    """The variants a config with its own variants `own` accepts: the common ones, then its
+    own that are not common. Each config module exposes this as its `VARIANTS`."""
+    return tuple(dict.fromkeys([*COMMON, *(own or {})]))
+
+
+def apply_variants(c: ml_collections.ConfigDict, arg: str | None,
+                   own: Mapping[str, Variant] | None = None, *,
+                   config: str = __file__) -> ml_collections.ConfigDict:
+    """Applies the comma-separated variants in `arg` to `c`, in the order given.
+
+    `own` maps the config's own variant names to functions `fn(c) -> c` (they may change `c`
+    in place; they return it). A name that is both common and own runs the common change
+    first, then the config's own, so a config can refine `runlocal` or `tiny`. `config` is
+    the config file (its `__file__`), named in the error an unknown variant raises.
+    """
+    own = dict(own or {})
+    known = variant_names(own)
+    for name in (v.strip() for v in (arg or "").split(",")):
+        if not name:
+            continue
+        if name not in known:
+            path = Path(config)
+            where = f"{path.parent.name}/{path.stem}.py"
+            raise SMSDError(f"unknown config variant {name!r} of {where}; it accepts "
+                            f"{', '.join(known)} (comma-separated, e.g. {where}:{known[0]})")
+        for table in (COMMON, own):
+            if name in table:
+                result = table[name](c)
+                if not isinstance(result, ml_collections.ConfigDict):
+                    raise TypeError(f"config variant {name!r} of {config}: "
+                                    f"{table[name].__qualname__} must return the config")
+                c = result
+    return c
+
+
+VARIANTS = variant_names()

@@ -27,12 +27,35 @@ mirror, because the site's augmentation mirrors at random):
 - linkage of an image's two samples: ROC AUC 0.75-0.92 in every setting, head or not.
 - near chance with the head secret: only D <= 16 values per patch (D 8, 16).
 
-Variants: `:tiny` (seconds; tests), `:runlocal` (2 min on the same shared cores).
+Variants (comma-separated after the path, applied in order; each is configs/base.py's, then
+fewer images and attack steps): `:tiny` (seconds; tests), `:runlocal` (2 min on the same
+shared cores).
 """
 
 import ml_collections
 
 from configs import base
+
+
+def _runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    c.privacy.update(num_victim=300, num_public=600, cluster_tokens=4000, kmeans_iters=15)
+    c.privacy.attacker.update(steps=200, hidden=128)
+    c.privacy.moments.update(steps=300, refine_steps=60, rounds=2)
+    return c
+
+
+def _tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    c.privacy.update(num_victim=24, num_public=120, cluster_tokens=500, kmeans_iters=5,
+                     num_examples=2, settings=("none", "both", "reused"))
+    # A noise sweep: a second head with the same shapes, so nothing compiles again.
+    c.privacy.sweeps = ml_collections.ConfigDict(dict(noise_std=(0.5,)))
+    c.privacy.attacker.update(hidden=32, steps=30, batch_size=64)
+    c.privacy.moments.update(steps=50, refine_steps=10, rounds=1)
+    return c
+
+
+OWN = {"runlocal": _runlocal, "tiny": _tiny}
+VARIANTS = base.variant_names(OWN)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -64,17 +87,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_examples=6,            # images per reconstruction figure
         margins=dict(accuracy=0.05, purity=0.05, psnr_db=1.0, ssim=0.05),
     )
-    variants = [v for v in (arg or "").split(",") if v]
-    c = base.apply_variants(c, ",".join(variants))
-    if "runlocal" in variants:
-        c.privacy.update(num_victim=300, num_public=600, cluster_tokens=4000, kmeans_iters=15)
-        c.privacy.attacker.update(steps=200, hidden=128)
-        c.privacy.moments.update(steps=300, refine_steps=60, rounds=2)
-    if "tiny" in variants:
-        c.privacy.update(num_victim=24, num_public=120, cluster_tokens=500, kmeans_iters=5,
-                         num_examples=2, settings=("none", "both", "reused"))
-        # A noise sweep: a second head with the same shapes, so nothing compiles again.
-        c.privacy.sweeps = ml_collections.ConfigDict(dict(noise_std=(0.5,)))
-        c.privacy.attacker.update(hidden=32, steps=30, batch_size=64)
-        c.privacy.moments.update(steps=50, refine_steps=10, rounds=1)
-    return c
+    return base.apply_variants(c, arg, OWN, config=__file__)

@@ -9,10 +9,13 @@ tokens of width 128, position embedding std 0.5. Sites: M = 2 samples per image,
 (24 of 49 tokens). Server: ViT depth 4, width 128, 4 heads; DINO out_dim 1024; batch 128.
 Hardware: 2 CPU cores. Expected time and result: see README (measured, not assumed).
 
-Variants: `:runlocal` (a minute), `:tiny` (seconds; tests).
+Variants (comma-separated after the path, applied in order): `:runlocal` (a minute),
+`:tiny` (seconds; tests); configs/base.py's, unchanged.
 """
 
 from configs import base
+
+VARIANTS = base.variant_names()
 
 
 def get_config(arg: str | None = None):
@@ -30,4 +33,4 @@ def get_config(arg: str | None = None):
                     bottleneck_dim=256, num_local=2, lr=1e-3, warmup_epochs=0.2,
                     teacher_momentum=0.99, teacher_temp=0.04, teacher_temp_final=0.04,
                     checkpoint_every=200, log_every=20)
-    return base.apply_variants(c, arg)
+    return base.apply_variants(c, arg, config=__file__)

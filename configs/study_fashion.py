@@ -1,31 +1,77 @@
 r"""The comparison study on Fashion-MNIST: SMSD against fine-tune only, FedAvg-DINO and
-centralized DINO, with ablations (`smsd_jax/study.py` says what each run does).
+centralized DINO, with ablations (`smsd_jax/study/comparison.py` says what each run does).
 
     python -m launch.main --config=configs/study_fashion.py --mode=study
 
 CPU budget (2 cores, under 90 minutes: 68 min measured on 2026-11-26, part of it beside
 other jobs; results/study.md): the first 4,000 train images over 4 sites (IID, and Dirichlet
-alpha 0.5), tested on the first 4,000 test images. ViT `small4` (width 128, depth 4, 4 heads, patch 4: 49 tokens), the quickstart's
-DINO settings; 2 epochs of the pooled images at batch 64 (124 steps) for SMSD's server and
+alpha 0.5), tested on the first 4,000 test images. ViT `small4` (width 128, depth 4, 4 heads,
+patch 4: 49 tokens), the quickstart's DINO settings; 2 epochs of the pooled images at batch 64 (124 steps) for SMSD's server and
 centralized DINO, 2 rounds x 1 local epoch for FedAvg-DINO. Downstream: linear probe and
 k-NN at 1%, 10%, 100% of the 4,000 labels; fine-tuning at the same fractions for at most 50
 steps of 64 images. SMSD and the baselines: 3 seeds; ablations: 1 seed, Dirichlet sites,
 linear probe and k-NN only.
-At this budget self-supervision has barely started (METHOD.md's calibration): the CPU study
-checks the machinery and the costs; the `gpu` variant is the one whose accuracies matter.
+At this budget self-supervision has barely started (docs/method.md, "Reference result"): the
+CPU study checks the machinery and the costs; the `gpu` variant is the one whose accuracies
+matter.
 
-Variants (comma-separated after the file name):
-  gpu   all 60,000 images, 100 epochs of server training (DINO's regime), batch 512, bf16;
-        one H100 (not yet measured here: run it in 8-minute commands; the study resumes,
-        keeping finished runs);
-  tiny  seconds: the tests' size (1 seed, IID only, one ablation).
+Variants (comma-separated after the file name, applied in the order given):
+  `:gpu`       all 60,000 images, 100 epochs of server training (DINO's regime), batch 512,
+               bf16; one H100 (not yet measured here: run it in 8-minute commands; the study
+               resumes, keeping finished runs);
+  `:runlocal`  a short local run of the whole study: configs/base.py's runlocal sizes (3
+               epochs, DINO out_dim 1024, 3 FedAvg rounds, the first 4,000 images) with the
+               study's site batch of 500 (a divisor of its 4,000-image shards), and the
+               study's fewest runs: seed 0, Dirichlet sites only, one ablation
+               (no_permutation): 6 runs instead of 31 (not yet timed);
+  `:tiny`      seconds: the tests' size (configs/base.py's tiny, then 1 seed, IID only, one
+               ablation).
 """
 
 from configs import base
 
 
+def _gpu(c):
+    c.workdir = "runs/study_fashion_gpu"
+    c.data.subset = 0
+    c.model.dtype = "bfloat16"
+    c.site.update(num_samples=4, batch_size=2000, shard_size=16000)
+    c.server.update(batch_size=512, epochs=100.0, warmup_epochs=10.0,
+                    teacher_momentum=0.996, teacher_temp=0.04, teacher_temp_final=0.07,
+                    teacher_temp_warmup_epochs=30.0, lr=2e-3, log_every=100,
+                    checkpoint_every=2000)
+    c.baselines.update(rounds=10, local_epochs=10.0)
+    c.study.ablation_finetune = True
+    c.downstream.update(finetune_epochs=100, finetune_max_steps=2000, batch_size=256,
+                        eval_batch_size=2000)
+    return c
+
+
+def _runlocal(c):
+    # configs/base.py's runlocal sets site.batch_size 256, which does not divide the study's
+    # 4,000-image shards; keep the study's 500.
+    c.site.batch_size = 500
+    c.study.update(seeds=(0,), partitions=("dirichlet",), ablations=("no_permutation",),
+                   ablation_partition="dirichlet")
+    return c
+
+
+def _tiny(c):
+    c.data.subset = 256
+    c.server.update(batch_size=16, epochs=1.0)
+    c.baselines.update(rounds=1, local_epochs=1.0, local_size=16)
+    c.downstream.update(label_fractions=(0.1, 1.0), finetune_fractions=(0.1, 1.0),
+                        finetune_epochs=2, finetune_max_steps=4, batch_size=16)
+    c.study.update(seeds=(0,), partitions=("iid",), ablations=("no_permutation",),
+                   ablation_partition="iid")
+    return c
+
+
+OWN = {"gpu": _gpu, "runlocal": _runlocal, "tiny": _tiny}
+VARIANTS = base.variant_names(OWN)
+
+
 def get_config(arg: str | None = None):
-    variants = [v for v in (arg or "").split(",") if v]
     c = base.get_config()
     c.workdir = "runs/study_fashion"
     # Reproducible heads and site keys; the study offsets both by the seed.
@@ -53,29 +99,4 @@ def get_config(arg: str | None = None):
         ablation_finetune=False,  # ablations: linear probe and k-NN only (saves CPU time)
         pixels=True,  # raw-pixel linear probe and k-NN as a reference row
     )
-    for variant in variants:
-        if variant == "gpu":
-            c.workdir = "runs/study_fashion_gpu"
-            c.data.subset = 0
-            c.model.dtype = "bfloat16"
-            c.site.update(num_samples=4, batch_size=2000, shard_size=16000)
-            c.server.update(batch_size=512, epochs=100.0, warmup_epochs=10.0,
-                            teacher_momentum=0.996, teacher_temp=0.04, teacher_temp_final=0.07,
-                            teacher_temp_warmup_epochs=30.0, lr=2e-3, log_every=100,
-                            checkpoint_every=2000)
-            c.baselines.update(rounds=10, local_epochs=10.0)
-            c.study.ablation_finetune = True
-            c.downstream.update(finetune_epochs=100, finetune_max_steps=2000, batch_size=256,
-                                eval_batch_size=2000)
-        elif variant == "tiny":
-            c = base.apply_variants(c, "tiny")
-            c.data.subset = 256
-            c.server.update(batch_size=16, epochs=1.0)
-            c.baselines.update(rounds=1, local_epochs=1.0, local_size=16)
-            c.downstream.update(label_fractions=(0.1, 1.0), finetune_fractions=(0.1, 1.0),
-                                finetune_epochs=2, finetune_max_steps=4, batch_size=16)
-            c.study.update(seeds=(0,), partitions=("iid",), ablations=("no_permutation",),
-                           ablation_partition="iid")
-        else:
-            raise ValueError(f"unknown config variant {variant!r}; known: gpu, tiny")
-    return c
+    return base.apply_variants(c, arg, OWN, config=__file__)

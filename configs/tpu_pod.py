@@ -18,18 +18,21 @@ payloads. Parameters replicated (`fsdp=False`): about 2 GB of ViT-B + head + Ada
 a v4 chip's 32 GB, and every host then holds the whole teacher for the body export.
 Hardware: a TPU v4, v5e or v5p slice; the global batch must be a multiple of its chips.
 Expected throughput: not yet measured; run benchmarks/gpu_check.sh.
-Expected result: the method's (METHOD.md); not yet measured at this size.
-Variants: `:runlocal` shrinks it to run on a laptop CPU in minutes (tiny model, 64 px, fp32).
+Expected result: the method's (docs/method.md); not yet measured at this size.
+Variants (comma-separated after the path, applied in order): configs/gpu_host.py's:
+`:runlocal` shrinks it to run on a laptop CPU in minutes (tiny model, 64 px, fp32, batch 128);
+`:tiny` to seconds (the same model, configs/base.py's tiny sizes: batch 16).
 """
 
-from configs import gpu_host
+from configs import base, gpu_host
+
+VARIANTS = base.variant_names(gpu_host.OWN)
 
 
 def get_config(arg: str | None = None):
     # The multi-GPU host's experiment; on TPU: XLA attention, DINO's global batch of 1024.
-    c = gpu_host.get_config(arg)
+    c = gpu_host.get_config()
     c.workdir = "runs/tpu_pod"
-    if not (arg and "runlocal" in arg):
-        c.model.attention = ""
-        c.server.batch_size = 1024
-    return c
+    c.model.attention = ""
+    c.server.batch_size = 1024
+    return base.apply_variants(c, arg, gpu_host.OWN, config=__file__)

@@ -11,6 +11,7 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist
 fi
 
-extras=""
+# The Python packages are listed once, in pyproject.toml.
+extras="[tfds]"
 [ "${1:-}" = "test" ] && extras="[test]"
-python3 -m pip install -q --disable-pip-version-check -r requirements.txt -e ".${extras}"
+python3 -m pip install -q --disable-pip-version-check -e ".${extras}"

@@ -8,10 +8,7 @@ the old complete artifact or the new complete one, never a half-written one.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,35 +16,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from smsd_jax import files
+from smsd_jax.errors import MissingInputError, SMSDError
+
 TREE, META = "tree", "meta.json"
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes `text` to a temporary file beside `path`, then renames it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Writes JSON atomically (see `write_text`)."""
-    write_text(path, json.dumps(obj, indent=1, sort_keys=True))
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); the file is damaged: write it again"
-                         ) from e
 
 
 def tree_checksum(tree: Any) -> str:
@@ -58,16 +30,6 @@ def tree_checksum(tree: Any) -> str:
         digest.update(f"{jax.tree_util.keystr(path)}|{leaf.shape}|{leaf.dtype}|".encode())
         digest.update(np.ascontiguousarray(leaf).tobytes())
     return digest.hexdigest()
-
-
-def _replace_dir(tmp: Path, path: Path) -> None:
-    """Moves the finished folder `tmp` to `path`, keeping the old one until the new is in place."""
-    old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old") if path.exists() else None
-    if old:
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _checkpointer() -> ocp.StandardCheckpointer:
@@ -89,21 +51,21 @@ def save_artifact(path: str | os.PathLike, tree: Any, meta: dict) -> None:
                            "only process 0 writes artifacts")
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = files.temporary_name(path)
     tree = jax.tree.map(np.asarray, jax.device_get(tree))
     with _checkpointer() as ckpt:
         ckpt.save(tmp / TREE, tree)
-    write_json(tmp / META, {**meta, "checksum": tree_checksum(tree)})
-    _replace_dir(tmp, path)
+    files.write_json(tmp / META, {**meta, "checksum": tree_checksum(tree)})
+    files.replace_dir(tmp, path)
 
 
 def load_meta(path: str | os.PathLike) -> dict:
     """The `meta.json` of the artifact at `path`."""
     path = Path(path)
     if not (path / META).is_file():
-        raise FileNotFoundError(f"{path} is not an artifact of this project (no {META}); "
+        raise MissingInputError(f"{path} is not an artifact of this project (no {META}); "
                                 "check the path, or run the stage that writes it")
-    return read_json(path / META)
+    return files.read_json(path / META)
 
 
 def load_artifact(path: str | os.PathLike) -> tuple[Any, dict]:
@@ -115,6 +77,6 @@ def load_artifact(path: str | os.PathLike) -> tuple[Any, dict]:
                               .item_metadata)
         tree = ckpt.restore(path / TREE, target)
     if tree_checksum(tree) != meta["checksum"]:
-        raise ValueError(f"{path}: the arrays do not match the checksum in {META}; the artifact "
-                         "is damaged: copy or write it again")
+        raise SMSDError(f"{path}: the arrays do not match the checksum in {META}; the artifact "
+                        "is damaged: copy or write it again")
     return tree, meta

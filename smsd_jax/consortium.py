@@ -1,4 +1,8 @@
-"""Consortium set-up: the frozen head that every site shares and the server never sees.
+"""Consortium set-up: the frozen head that every site shares and the server never sees, the
+split of a simulation's data into sites, and each site's secret permutation key.
+
+    consortium.set_up(config, layout)        # --mode=init: head + partition.json
+    seed = consortium.site_secret(layout, k)  # site k's key, drawn once, kept at the site
 
 The head's weights come from a secret seed. Its fingerprint (a hash of the weights) goes into
 every payload so the server can check that all sites used the same head without learning it.
@@ -12,14 +16,16 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from smsd_jax import checkpoint, models
+from smsd_jax import artifacts, data, files, models
+from smsd_jax.errors import SMSDError
+from smsd_jax.layout import Layout
 
 FORMAT = "smsd-head/1"
 
 
 def head_fingerprint(params) -> str:
     """A short hash that identifies the head's weights and does not reveal them."""
-    return checkpoint.tree_checksum(params)[:16]
+    return artifacts.tree_checksum(params)[:16]
 
 
 def init_head(config, path: str | Path, secret_seed: int | None = None) -> str:
@@ -37,11 +43,16 @@ def init_head(config, path: str | Path, secret_seed: int | None = None) -> str:
     images = jnp.zeros((1, head.image_size, head.image_size, config.data.channels))
     params = head.init(jax.random.key(seed), images)["params"]
     fingerprint = head_fingerprint(params)
-    checkpoint.save_artifact(path, params, dict(
+    artifacts.save_artifact(path, params, dict(
         format=FORMAT, fingerprint=fingerprint, image_size=head.image_size,
         patch_size=head.patch_size, dim=head.dim, pos_std=head.pos_std,
         channels=config.data.channels))
     return fingerprint
+
+
+def image_shape(head: models.ViTHead, meta: dict) -> tuple[int, int, int]:
+    """`(H, W, C)` of the images the head of `load_head` takes."""
+    return head.image_size, head.image_size, meta["channels"]
 
 
 def load_head(path: str | Path, expected_fingerprint: str | None = None):
@@ -53,15 +64,45 @@ def load_head(path: str | Path, expected_fingerprint: str | None = None):
     Raises:
       ValueError: the folder is not a head, or its fingerprint is not the expected one.
     """
-    params, meta = checkpoint.load_artifact(path)
+    params, meta = artifacts.load_artifact(path)
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a head written by init (format {meta.get('format')!r},"
-                         f" expected {FORMAT!r})")
+        raise SMSDError(f"{path} is not a head written by init (format {meta.get('format')!r},"
+                        f" expected {FORMAT!r})")
     if head_fingerprint(params) != meta["fingerprint"]:
-        raise ValueError(f"{path}: the head's weights do not match its fingerprint")
+        raise SMSDError(f"{path}: the head's weights do not match its fingerprint")
     if expected_fingerprint and meta["fingerprint"] != expected_fingerprint:
-        raise ValueError(f"{path}: head fingerprint {meta['fingerprint']} is not the "
-                         f"consortium's {expected_fingerprint}; get the head from the consortium")
+        raise SMSDError(f"{path}: head fingerprint {meta['fingerprint']} is not the "
+                        f"consortium's {expected_fingerprint}; get the head from the consortium")
     head = models.ViTHead(image_size=meta["image_size"], patch_size=meta["patch_size"],
                           dim=meta["dim"], pos_std=meta["pos_std"])
     return head, params, meta
+
+
+def set_up(config, layout: Layout) -> None:
+    """The consortium's head (from `config.consortium_seed`, -1: the OS) and the sites' split
+    of the data (`data.split_sites`); each is kept if it exists already."""
+    if layout.head.exists():
+        print(f"init: head exists at {layout.head}, kept")
+    else:
+        seed = config.consortium_seed if config.consortium_seed >= 0 else None
+        fingerprint = init_head(config, layout.head, secret_seed=seed)
+        print(f"init: head {fingerprint} written to {layout.head}")
+    if not layout.partition.exists():
+        labels = data.load_source(config.data, "train").labels
+        parts = data.split_sites(labels, config.data, config.seed)
+        labels = labels[:sum(map(len, parts))]
+        data.save_partition(layout.partition, parts, dict(
+            kind=config.data.partition, alpha=config.data.alpha, seed=config.seed,
+            source=config.data.source, histogram=data.label_histogram(
+                labels, parts, int(labels.max()) + 1).tolist()))
+    data.load_partition(layout.partition)  # fail early on a damaged file
+
+
+def site_secret(layout: Layout, site: int) -> int:
+    """Site `site`'s permutation key: drawn once from the OS, kept at the site (mode 600),
+    reused when the site runs again."""
+    path = layout.secret(site)
+    if not path.exists():
+        files.write_json(path, {"secret_seed": secrets.randbits(63)})
+        path.chmod(0o600)
+    return int(files.read_json(path)["secret_seed"])

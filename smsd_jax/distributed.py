@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from smsd_jax.errors import SMSDError
+
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> None:
@@ -26,10 +28,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
       process_id: this process's rank, in `[0, num_processes)`.
     """
     if num_processes is not None and num_processes < 1:
-        raise ValueError(f"--num_processes={num_processes}: must be at least 1")
+        raise SMSDError(f"--num_processes={num_processes}: must be at least 1")
     if process_id is not None and not 0 <= process_id < (num_processes or process_id + 1):
-        raise ValueError(f"--process_id={process_id}: must be 0 or more and less than "
-                         f"--num_processes={num_processes}")
+        raise SMSDError(f"--process_id={process_id}: must be 0 or more and less than "
+                        f"--num_processes={num_processes}")
     # On CPU, collectives across processes need an implementation (gloo ships with jaxlib);
     # it is read when the CPU backend starts, so it is set before anything can start it. An
     # explicit choice (e.g. JAX_CPU_COLLECTIVES_IMPLEMENTATION=mpi) is kept.

@@ -2,10 +2,10 @@
 
 The site joins its own head, the body and a fresh classification tail into a `ViTClassifier`
 and measures the body on its labelled data in a low-label regime: a linear probe and DINO's
-weighted k-NN on frozen class features, and a full fine-tune (METHOD.md, "What must be
+weighted k-NN on frozen class features, and a full fine-tune (docs/method.md, "What must be
 measured"). Raw pixels and a randomly initialised body are the baselines on the same subsets.
 
-Pure math first (`label_subset`, `macro_auc`, `knn_classify`, `linear_probe`, ...), then the
+Pure math first (`label_subset`, `knn_classify`, `linear_probe`, ...), then the
 stage functions that read data through grain (`extract_features`, `finetune`,
 `evaluate_body`, ...), then the results table.
 """
@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import functools
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import scipy.stats
 
-from smsd_jax import consortium, data, models, ops
+from smsd_jax import consortium, data, evaluation, export, files, models, ops
+from smsd_jax.errors import NotFiniteError, SMSDError
+from smsd_jax.layout import Layout
 
 # Images per batch when reading raw pixels (no model runs on them, so only memory matters).
 _PIXEL_BATCH = 1024
@@ -42,48 +44,14 @@ def label_subset(labels, fraction: float, seed: int) -> np.ndarray:
       ValueError: `fraction` outside (0, 1], or labels not a non-empty integer array.
     """
     if not 0 < fraction <= 1:
-        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be a non-empty integer array [N], got {labels.dtype} "
-                         f"{labels.shape}")
+        raise SMSDError(f"label fraction must be in (0, 1], got {fraction}")
+    labels = data.checks.integer_array(labels, "labels")
     rng = np.random.default_rng(seed)
     chosen = []
     for c in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == c))
         chosen.append(members[:max(1, round(fraction * members.size))])
     return np.sort(np.concatenate(chosen))
-
-
-def macro_auc(scores, labels) -> float:
-    """Macro one-vs-rest ROC AUC of `scores [n, C]` for integer `labels [n]`.
-
-    Per class, the Mann-Whitney form: the probability that a random positive scores above a
-    random negative, ties counting one half (average ranks). Classes absent from `labels`
-    have no positives and are skipped; NaN when no class has both positives and negatives.
-    """
-    scores, labels = np.asarray(scores, np.float64), np.asarray(labels)
-    if scores.ndim != 2 or labels.shape != scores.shape[:1]:
-        raise ValueError(f"scores {scores.shape} and labels {labels.shape} must be [n, C], [n]")
-    aucs = []
-    for c in np.unique(labels):
-        positive = labels == c
-        n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-        if n_neg == 0:
-            continue
-        ranks = scipy.stats.rankdata(scores[:, c])  # ties share their average rank
-        aucs.append((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-    return float(np.mean(aucs)) if aucs else float("nan")
-
-
-def accuracy(scores, labels) -> float:
-    """Fraction of rows of `scores [n, C]` whose largest entry is at `labels [n]`."""
-    return float(np.mean(np.argmax(np.asarray(scores), axis=-1) == np.asarray(labels)))
-
-
-def evaluate_scores(scores, labels) -> dict:
-    """`{"accuracy", "auc"}` (Python floats) of `scores [n, C]` against `labels [n]`."""
-    return {"accuracy": accuracy(scores, labels), "auc": macro_auc(scores, labels)}
 
 
 def _l2_normalise(x: jax.Array) -> jax.Array:
@@ -167,7 +135,7 @@ def linear_probe(train_feats, train_labels, test_feats, *, num_classes: int, ste
       train_feats: `[n_train, D]`; train_labels: int `[n_train]`; test_feats: `[n_test, D]`.
     """
     if steps < 1:
-        raise ValueError(f"linear probe needs steps >= 1, got {steps}")
+        raise SMSDError(f"linear probe needs steps >= 1, got {steps}")
     scores = _fit_softmax_regression(
         jax.random.key(seed), np.asarray(train_feats, np.float32), np.asarray(train_labels),
         np.asarray(test_feats, np.float32), num_classes=num_classes, steps=steps,
@@ -226,7 +194,8 @@ def evaluate_model(model: models.ViTClassifier, params, source, indices, *, batc
     """`{"accuracy", "auc"}` of the classifier's predictions on `source[indices]`."""
     logits = _apply_in_batches(model, params, source, indices, batch_size=batch_size,
                                mean=mean, std=std, method=None)
-    return evaluate_scores(jax.nn.softmax(logits, axis=-1), source.labels[np.asarray(indices)])
+    return evaluation.evaluate_scores(jax.nn.softmax(logits, axis=-1),
+                                      source.labels[np.asarray(indices)])
 
 
 def _train_step(model, tx, mean, std, params, opt_state, images, labels):
@@ -266,7 +235,7 @@ def finetune(model: models.ViTClassifier, params, source, train_idx, test_source
       FloatingPointError: the loss became NaN or infinite (names the first such step).
     """
     if epochs < 1:
-        raise ValueError(f"fine-tuning needs epochs >= 1, got {epochs}")
+        raise SMSDError(f"fine-tuning needs epochs >= 1, got {epochs}")
     batch_size = min(batch_size, len(train_idx))
     dataset = data.labelled_dataset(source, train_idx, batch_size=batch_size, seed=seed,
                                     augment=augment, shuffle=True, num_epochs=epochs,
@@ -282,8 +251,8 @@ def finetune(model: models.ViTClassifier, params, source, train_idx, test_source
     # Checked once at the end: a check per step would stall the asynchronous dispatch.
     bad = np.flatnonzero(~np.isfinite(np.asarray(jax.device_get(losses))))
     if bad.size:
-        raise FloatingPointError(f"fine-tuning loss is not finite from step {bad[0]} of "
-                                 f"{total_steps}; lower the learning rate (lr={lr})")
+        raise NotFiniteError(f"fine-tuning loss is not finite from step {bad[0]} of "
+                             f"{total_steps}; lower the learning rate (lr={lr})")
     return evaluate_model(model, params, test_source, test_idx,
                           batch_size=eval_batch_size or batch_size, mean=mean, std=std)
 
@@ -295,25 +264,19 @@ def labelled_candidates(config, train_source) -> np.ndarray:
     `config.downstream.site >= 0`, only that site's images in the partition of
     `config.data` (the same split, seed `config.seed`, that the sites are given).
     """
-    n = len(train_source)
-    if config.data.subset > 0:
-        n = min(n, config.data.subset)
     site = config.downstream.site
     if site < 0:
-        return np.arange(n)
+        return np.arange(data.subset_size(config.data, len(train_source)))
     if site >= config.data.num_sites:
-        raise ValueError(f"config.downstream.site={site} but there are only "
-                         f"config.data.num_sites={config.data.num_sites} sites; use -1 for "
-                         "the whole train split")
-    parts = data.partition(train_source.labels[:n], config.data.partition,
-                           config.data.num_sites, config.seed, alpha=config.data.alpha)
-    return parts[site]
+        raise SMSDError(f"config.downstream.site={site} but there are only "
+                        f"config.data.num_sites={config.data.num_sites} sites; use -1 for "
+                        "the whole train split")
+    return data.split_sites(train_source.labels, config.data, config.seed)[site]
 
 
 def held_out_indices(config, test_source) -> np.ndarray:
     """Indices of the test split: the first `config.data.subset` when that is > 0, else all."""
-    n = len(test_source)
-    return np.arange(min(n, config.data.subset) if config.data.subset > 0 else n)
+    return np.arange(data.subset_size(config.data, len(test_source)))
 
 
 def _key(fraction: float) -> str:
@@ -342,7 +305,8 @@ def _probe_features(config, name: str, train_feats, train_idx, subsets: dict, tr
         results["labelled"][_key(fraction)] = len(idx)
         for what, probe in probes.items():
             start = time.perf_counter()
-            metrics = evaluate_scores(probe(train_feats[rows], train_labels[rows]), test_labels)
+            metrics = evaluation.evaluate_scores(probe(train_feats[rows], train_labels[rows]),
+                                                 test_labels)
             results[what][_key(fraction)] = metrics
             _report(name, what, fraction, len(idx), metrics, start)
     return results
@@ -379,13 +343,10 @@ def evaluate_body(config, head_dir, body: models.ViTBody, body_params, *, train_
     """
     head, head_params, head_meta = consortium.load_head(head_dir)
     if head.dim != body.dim:
-        raise ValueError(f"the head in {head_dir} makes tokens of width {head.dim} but the "
-                         f"body takes width {body.dim}; use the body trained for this head")
+        raise SMSDError(f"the head in {head_dir} makes tokens of width {head.dim} but the "
+                        f"body takes width {body.dim}; use the body trained for this head")
     for source in (train_source, test_source):
-        if (head.image_size, head.image_size, head_meta["channels"]) != tuple(source.image_shape):
-            raise ValueError(f"{source.name}: images {source.image_shape} do not fit the head "
-                             f"in {head_dir} ({head.image_size}x{head.image_size}x"
-                             f"{head_meta['channels']})")
+        data.checks.head_fits(consortium.image_shape(head, head_meta), head_dir, source)
     return evaluate_pretrained(config, head, head_params, body, body_params,
                                train_source=train_source, test_source=test_source, name=name)
 
@@ -452,16 +413,14 @@ def evaluate_pixels(config, train_source, test_source, name: str = "raw pixels")
 
 # ---------------------------------------------------------------- report
 
-_METHODS = (("linear", "linear"), ("knn", "k-NN"), ("finetune", "fine-tune"))
-
-
 def results_table(results: list[dict], fractions) -> str:
     """A Markdown table of accuracies (percent, one decimal): one row per result dict.
 
     Columns: linear, k-NN and fine-tune at each of `fractions`; a column that no result
     has is left out, a missing entry is shown as "-".
     """
-    columns = [(method, _key(f), f"{title} {100 * f:g}%") for method, title in _METHODS
+    columns = [(method, _key(f), f"{title} {100 * f:g}%")
+               for method, title in evaluation.PROBES.items()
                for f in fractions if any(_key(f) in r.get(method, {}) for r in results)]
     lines = ["| features / method | " + " | ".join(c[2] for c in columns) + " |",
              "|---|" + "---|" * len(columns)]
@@ -470,3 +429,29 @@ def results_table(results: list[dict], fractions) -> str:
                  for m, f, _ in columns]
         lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def downstream_stage(config, layout: Layout, head_dir: str | Path | None = None,
+                     body_dir: str | Path | None = None, baselines: bool = False) -> list:
+    """Stage 3 at a site of the work directory `layout`: probes of the body it got back
+    (`body_dir`, default `layout.body`) with its head (`head_dir`, default `layout.head`);
+    with `baselines`, the random body and raw pixels first. Writes `results/downstream.json`
+    and `results/results.md`; returns the results."""
+    head_dir, body_dir = head_dir or layout.head, body_dir or layout.body
+    train, test = data.load_source(config.data, "train"), data.load_source(config.data, "test")
+    body, params, _ = export.load_body(body_dir)
+    results = []
+    if baselines:
+        results.append(evaluate_pixels(config, train, test))
+        results.append(evaluate_body(config, head_dir, body, None, train_source=train,
+                                     test_source=test, name="random body"))
+    results.append(evaluate_body(config, head_dir, body, params, train_source=train,
+                                 test_source=test, name="SMSD body"))
+    table = results_table(results, config.downstream.label_fractions)
+    files.write_json(layout.downstream_json, results)
+    files.write_text(layout.results / "results.md", table + "\n")
+    print(table)
+    return results

@@ -8,30 +8,29 @@ final norm) and the settings needed to rebuild `ViTBody` without the server's co
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 
-from smsd_jax import checkpoint, models
+from smsd_jax import artifacts, files, models
+from smsd_jax.errors import SMSDError
 
 FORMAT = "smsd-body/1"
 
 
 def save_body(path: str | Path, body: models.ViTBody, params, **meta) -> None:
     """Writes `params` of `body` to `path`; `meta` adds facts such as the training step."""
-    checkpoint.save_artifact(path, params, dict(
+    artifacts.save_artifact(path, params, dict(
         meta, format=FORMAT, dim=body.dim, depth=body.depth, heads=body.heads,
         mlp_ratio=body.mlp_ratio))
 
 
 def load_body(path: str | Path) -> tuple[models.ViTBody, dict, dict]:
     """Reads a body export: `(ViTBody, params, meta)` (float32 compute)."""
-    params, meta = checkpoint.load_artifact(path)
+    params, meta = artifacts.load_artifact(path)
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a body export (format {meta.get('format')!r}, "
-                         f"expected {FORMAT!r}); use the server's export folder")
+        raise SMSDError(f"{path} is not a body export (format {meta.get('format')!r}, "
+                        f"expected {FORMAT!r}); use the server's export folder")
     body = models.ViTBody(dim=meta["dim"], depth=meta["depth"], heads=meta["heads"],
                           mlp_ratio=meta["mlp_ratio"])
     return body, params, meta
@@ -87,9 +86,9 @@ def timm_state_dict(head: models.ViTHead, head_params, body: models.ViTBody, bod
     p, dim = head.patch_size, body.dim
     kernel = np.asarray(head_params["patch_embed"]["kernel"], np.float32)
     if head.dim != dim or kernel.shape[1] != dim or kernel.shape[0] % (p * p):
-        raise ValueError(f"the head makes tokens of width {head.dim} from a patch kernel of "
-                         f"shape {kernel.shape}, but the body has width {dim}; export the body "
-                         "with the head it was trained for")
+        raise SMSDError(f"the head makes tokens of width {head.dim} from a patch kernel of "
+                        f"shape {kernel.shape}, but the body has width {dim}; export the body "
+                        "with the head it was trained for")
     channels = kernel.shape[0] // (p * p)
     pos = np.asarray(head_params["pos_embed"], np.float32)
     modules = {
@@ -132,28 +131,14 @@ def export_timm(path: str | Path, head: models.ViTHead, head_params, body: model
     """
     path = Path(path)
     if path.suffix != ".npz":
-        raise ValueError(f"timm export path {path} must end in .npz (the sidecar gets .json)")
+        raise SMSDError(f"timm export path {path} must end in .npz (the sidecar gets .json)")
     classes = 0 if tail_params is None else int(np.shape(tail_params["kernel"])[1])
     if num_classes not in (0, classes):
-        raise ValueError(f"num_classes={num_classes} but the tail has {classes} classes; pass "
-                         "the tail of that many classes, or num_classes=0 to follow the tail")
+        raise SMSDError(f"num_classes={num_classes} but the tail has {classes} classes; pass "
+                        "the tail of that many classes, or num_classes=0 to follow the tail")
     state = timm_state_dict(head, head_params, body, body_params, tail_params)
     in_chans = state["patch_embed.proj.weight"].shape[1]
-    _write_npz(path, state)
+    files.save_npz(path, **state)
     sidecar = path.with_suffix(".json")
-    checkpoint.write_json(sidecar, timm_kwargs(head, body, in_chans, classes))
+    files.write_json(sidecar, timm_kwargs(head, body, in_chans, classes))
     return sidecar
-
-
-def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """`np.savez` to a temporary file beside `path`, then renamed over it (atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only still there when writing failed

@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from smsd_jax import evaluation, files
+from smsd_jax.layout import Layout
+from smsd_jax.errors import MissingInputError, SMSDError
+
 CURVES_PNG, DOWNSTREAM_PNG = "training_curves.png", "downstream_accuracy.png"
-# The probes of `downstream.evaluate_body`, in table order, with their titles.
-PROBES = (("linear", "linear"), ("knn", "k-NN"), ("finetune", "fine-tune"))
 
 
 # ---------------------------------------------------------------- reading (I/O)
@@ -33,7 +35,7 @@ def read_metrics(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no training metrics: {path} does not exist; run "
+        raise MissingInputError(f"no training metrics: {path} does not exist; run "
                                 "--mode=server (or --mode=simulate) on this workdir first")
     text = path.read_text()
     lines = text.splitlines()
@@ -44,10 +46,10 @@ def read_metrics(path: str | os.PathLike) -> dict[str, np.ndarray]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {number}, is not a JSON object ({e}); the file is "
-                             "damaged: delete the line or rerun the server") from e
+            raise SMSDError(f"{path}, line {number}, is not a JSON object ({e}); the file is "
+                            "damaged: delete the line or rerun the server") from e
     if not rows:
-        raise ValueError(f"{path} holds no metrics yet; let --mode=server run some steps")
+        raise SMSDError(f"{path} holds no metrics yet; let --mode=server run some steps")
     rows.sort(key=lambda row: row["step"])
     names = sorted({name for row in rows for name in row})
     return {name: np.array([row.get(name, math.nan) for row in rows], np.float64)
@@ -71,12 +73,11 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
 def accuracy_table(results: list[dict]) -> tuple[list[str], list[str], np.ndarray]:
     """(bar groups "probe fraction%", body names, accuracy % `[bodies, groups]`, NaN where
     a body lacks a probe) from the results of `downstream.evaluate_body`/`evaluate_pixels`."""
-    groups = [(probe, fraction) for probe, _ in PROBES
+    groups = [(probe, fraction) for probe in evaluation.PROBES
               for fraction in sorted({f for r in results for f in r.get(probe, {})}, key=float)]
-    titles = dict(PROBES)
     table = np.array([[100 * r[p][f]["accuracy"] if f in r.get(p, {}) else math.nan
                        for p, f in groups] for r in results])
-    return ([f"{titles[p]} {100 * float(f):g}%" for p, f in groups],
+    return ([f"{evaluation.PROBES[p]} {100 * float(f):g}%" for p, f in groups],
             [r["name"] for r in results], table)
 
 
@@ -144,7 +145,7 @@ def downstream_figure(results: list[dict]) -> Figure:
     return fig
 
 
-def draw_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None = None
+def draw_report(workdir: Layout | str | os.PathLike, out_dir: str | os.PathLike | None = None
                 ) -> list[Path]:
     """Draws the PNGs of the run in `workdir` into `out_dir` (default `workdir/results`).
 
@@ -155,16 +156,11 @@ def draw_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     Raises:
       FileNotFoundError: `workdir/server/metrics.jsonl` does not exist (named).
     """
-    workdir = Path(workdir)
-    out_dir = Path(out_dir) if out_dir is not None else workdir / "results"
-    metrics = read_metrics(workdir / "server" / "metrics.jsonl")
-    results = read_downstream(workdir / "results" / "downstream.json")
+    layout = workdir if isinstance(workdir, Layout) else Layout(workdir)
+    out_dir = Path(out_dir) if out_dir is not None else layout.results
+    metrics = read_metrics(layout.metrics)
+    results = read_downstream(layout.downstream_json)
     figures = {CURVES_PNG: training_curves_figure(metrics)}
     if results:
         figures[DOWNSTREAM_PNG] = downstream_figure(results)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, fig in figures.items():
-        fig.savefig(out_dir / name, dpi=100)
-        paths.append(out_dir / name)
-    return paths
+    return [files.save_figure(out_dir / name, fig) for name, fig in figures.items()]

@@ -11,6 +11,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from smsd_jax.errors import SMSDError
+
 DATA = "data"
 
 
@@ -19,7 +21,7 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     devices = jax.devices()
     n = len(devices) if num_devices is None else num_devices
     if not 1 <= n <= len(devices):
-        raise ValueError(f"asked for {n} devices but {len(devices)} are visible")
+        raise SMSDError(f"asked for {n} devices but {len(devices)} are visible")
     # Auto axes: shardings propagate through the step as in plain jit (make_mesh's default
     # changed to Explicit axes in newer jax).
     return jax.make_mesh((n,), (DATA,), axis_types=(jax.sharding.AxisType.Auto,),
@@ -54,11 +56,12 @@ def state_sharding(state, mesh: Mesh, fsdp: bool = False):
         lambda x: NamedSharding(mesh, _fsdp_spec(np.shape(x), n) if fsdp else P()), state)
 
 
-def check_batch_size(batch_size: int, mesh: Mesh) -> None:
-    n = mesh.shape[DATA]
-    if batch_size % n:
-        raise ValueError(f"batch size {batch_size} is not divisible by the {n} devices of the "
-                         f"mesh; choose a multiple of {n}")
+def check_batch_size(batch_size: int, devices: Mesh | int, name: str = "batch size") -> None:
+    """`batch_size` is a positive multiple of the devices of `devices` (a mesh, or a count)."""
+    n = devices.shape[DATA] if isinstance(devices, Mesh) else int(devices)
+    if batch_size < 1 or batch_size % n:
+        raise SMSDError(f"{name}={batch_size}: not divisible by the {n} devices of the mesh; "
+                        f"choose a positive multiple of {n}")
 
 
 def put_batch(batch: np.ndarray, mesh: Mesh) -> jax.Array:

@@ -18,6 +18,8 @@ import numpy as np
 from tqdm import tqdm
 
 from smsd_jax import consortium, data, ops, payload
+from smsd_jax.errors import SMSDError
+from smsd_jax.layout import Layout
 
 
 def encode_batch(head, params, images: jax.Array, keys: jax.Array, *, keep: float,
@@ -42,10 +44,11 @@ def image_keys(secret_seed: int, start: int, count: int) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(start, start + count))
 
 
-def _check_shard_size(cfg) -> None:
+def check_shard_size(cfg) -> None:
+    """`config.site.shard_size` is a positive multiple of `config.site.batch_size`."""
     if cfg.shard_size < 1 or cfg.batch_size < 1 or cfg.shard_size % cfg.batch_size:
-        raise ValueError(f"config.site.shard_size={cfg.shard_size} must be a positive multiple "
-                         f"of config.site.batch_size={cfg.batch_size}")
+        raise SMSDError(f"config.site.shard_size={cfg.shard_size} must be a positive multiple "
+                        f"of config.site.batch_size={cfg.batch_size}")
 
 
 def run_site(config, site_id: int, source, indices: np.ndarray, head_dir: str | Path,
@@ -61,12 +64,9 @@ def run_site(config, site_id: int, source, indices: np.ndarray, head_dir: str | 
       The payload's manifest.
     """
     cfg = config.site
-    _check_shard_size(cfg)
+    check_shard_size(cfg)
     head, params, head_meta = consortium.load_head(head_dir, expected_fingerprint)
-    if (head.image_size, head.image_size, head_meta["channels"]) != tuple(source.image_shape):
-        raise ValueError(f"{source.name}: images {source.image_shape} do not fit the head in "
-                         f"{head_dir} ({head.image_size}x{head.image_size}x"
-                         f"{head_meta['channels']})")
+    data.checks.head_fits(consortium.image_shape(head, head_meta), head_dir, source)
     seed = secrets.randbits(63) if secret_seed is None else int(secret_seed)
     k = ops.num_kept(head.num_patches, cfg.keep)
     manifest = payload.new_manifest(
@@ -96,6 +96,24 @@ def run_site(config, site_id: int, source, indices: np.ndarray, head_dir: str | 
     return manifest
 
 
+def site_stage(config, layout: Layout, site_id: int, head_dir: str | Path | None = None,
+               head_fingerprint: str | None = None) -> dict:
+    """Stage 1 for site `site_id` of the work directory `layout`: its images (from the
+    partition), its key (`config.site.secret_seed + site_id`, or its own secret), its payload
+    into `layout.payload(site_id)`. Returns the payload's manifest."""
+    parts, _ = data.load_partition(layout.partition)
+    if not 0 <= site_id < len(parts):
+        raise SMSDError(f"--site={site_id} but {layout.partition} has {len(parts)} sites")
+    seed = (config.site.secret_seed + site_id if config.site.secret_seed >= 0
+            else consortium.site_secret(layout, site_id))
+    source = data.load_source(config.data, "train")
+    manifest = run_site(config, site_id, source, parts[site_id], head_dir or layout.head,
+                        layout.payload(site_id), secret_seed=seed,
+                        expected_fingerprint=head_fingerprint)
+    print(f"site {site_id}: {manifest['num_images']} images -> {layout.payload(site_id)}")
+    return manifest
+
+
 def _resume(out_dir: Path, manifest: dict) -> dict:
     """The manifest of an unfinished payload with the same settings, else a new one."""
     if not (out_dir / payload.MANIFEST).exists():
@@ -103,6 +121,6 @@ def _resume(out_dir: Path, manifest: dict) -> dict:
     old = payload.read_manifest(out_dir)
     same = all(old[f] == manifest[f] for f in manifest if f not in ("shards", "complete"))
     if not same:
-        raise ValueError(f"{out_dir} already holds a payload made with other settings; move it "
-                         "away or choose another output folder")
+        raise SMSDError(f"{out_dir} already holds a payload made with other settings; move it "
+                        "away or choose another output folder")
     return old

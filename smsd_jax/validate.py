@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import jax
 
-from smsd_jax import models
+from smsd_jax import models, ops, sharding, site
 from smsd_jax.data import registry
+from smsd_jax.errors import SMSDError
 
 
 def _require(ok: bool, key: str, value, what: str) -> None:
     if not ok:
-        raise ValueError(f"config.{key}={value!r}: {what}")
+        raise SMSDError(f"config.{key}={value!r}: {what}")
 
 
 def _fraction(key: str, value) -> None:
@@ -21,7 +22,10 @@ def _fraction(key: str, value) -> None:
 
 
 def check_config(config) -> None:
-    """Raises ValueError at the first out-of-range value of `config`."""
+    """Raises `SMSDError` at the first out-of-range value of `config`.
+
+    Where a stage checks a value itself, this calls that stage's check (one implementation).
+    """
     d, m, s, v = config.data, config.model, config.site, config.server
     _require(d.source in registry.SOURCES, "data.source", d.source,
              f"use one of {registry.SOURCES}")
@@ -35,24 +39,18 @@ def check_config(config) -> None:
              m.patch_size, f"must divide data.image_size={d.image_size}")
     _require(m.pos_std >= 0, "model.pos_std", m.pos_std, "must be non-negative")
     num_patches = (d.image_size // m.patch_size) ** 2
-    _fraction("site.keep", s.keep)
-    sent = round(s.keep * num_patches)
-    _require(sent >= 1, "site.keep", s.keep, f"keeps no token of the {num_patches} patches")
+    sent = ops.num_kept(num_patches, s.keep, name="config.site.keep", of="patches")
     _require(s.num_samples >= 1, "site.num_samples", s.num_samples, "must be at least 1")
     _require(s.payload_dtype in ("float16", "bfloat16", "float32"), "site.payload_dtype",
              s.payload_dtype, "use float16, bfloat16 or float32")
-    _require(s.batch_size >= 1 and s.shard_size % s.batch_size == 0, "site.shard_size",
-             s.shard_size, f"must be a positive multiple of site.batch_size={s.batch_size}")
+    site.check_shard_size(s)
     for key in ("global_keep", "local_keep"):
-        _fraction(f"server.{key}", v[key])
-        _require(round(v[key] * sent) >= 1, f"server.{key}", v[key],
-                 f"keeps no token of the {sent} tokens each sample holds; raise it")
+        ops.num_kept(sent, v[key], name=f"config.server.{key}", of="tokens each sample holds")
     _require(v.num_local >= 0, "server.num_local", v.num_local, "must be 0 or more")
     devices = v.num_devices or jax.device_count()
     _require(v.num_devices <= jax.device_count(), "server.num_devices", v.num_devices,
              f"only {jax.device_count()} devices are visible")
-    _require(v.batch_size >= devices and v.batch_size % devices == 0, "server.batch_size",
-             v.batch_size, f"must be a multiple of the {devices} devices of the mesh")
+    sharding.check_batch_size(v.batch_size, devices, name="config.server.batch_size")
     _require(v.epochs > 0, "server.epochs", v.epochs, "must be positive")
     _require(v.lr > 0 and v.min_lr >= 0, "server.lr", v.lr, "learning rates must be positive")
     _require(0 < v.student_temp and 0 < v.teacher_temp and 0 < v.teacher_temp_final,
@@ -70,7 +68,7 @@ def check_config(config) -> None:
 
 
 def check_baselines(config) -> None:
-    """Raises ValueError at the first out-of-range value of `config.baselines`."""
+    """Raises `SMSDError` at the first out-of-range value of `config.baselines`."""
     b, patch = config.baselines, config.model.patch_size
     _require(b.rounds >= 1 and int(b.rounds) == b.rounds, "baselines.rounds", b.rounds,
              "must be a whole number of rounds, at least 1")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from smsd_jax import consortium, downstream, models
+from smsd_jax import consortium, downstream, evaluation, models
 from smsd_jax.data import fashion_mnist
 
 MEAN, STD = 0.286, 0.353
@@ -76,21 +76,21 @@ def test_macro_auc_equals_pairwise_count_with_ties():
     rng = np.random.default_rng(0)
     labels = rng.choice([0, 1, 3], size=300)
     scores = rng.integers(0, 5, size=(300, 4)).astype(np.float32)
-    auc = downstream.macro_auc(scores, labels)
+    auc = evaluation.macro_auc(scores, labels)
     assert auc == pytest.approx(_pairwise_auc(scores, labels), abs=1e-12)
 
 
 def test_macro_auc_is_one_for_perfect_and_half_for_random_scores():
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 10, size=5000)
-    assert downstream.macro_auc(np.eye(10)[labels], labels) == 1.0
-    assert downstream.macro_auc(rng.random((5000, 10)), labels) == pytest.approx(0.5, abs=0.03)
+    assert evaluation.macro_auc(np.eye(10)[labels], labels) == 1.0
+    assert evaluation.macro_auc(rng.random((5000, 10)), labels) == pytest.approx(0.5, abs=0.03)
 
 
 def test_accuracy_and_evaluate_scores():
     scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
-    assert downstream.accuracy(scores, [0, 1, 1]) == pytest.approx(2 / 3)
-    metrics = downstream.evaluate_scores(scores, np.array([0, 1, 1]))
+    assert evaluation.accuracy(scores, [0, 1, 1]) == pytest.approx(2 / 3)
+    metrics = evaluation.evaluate_scores(scores, np.array([0, 1, 1]))
     assert set(metrics) == {"accuracy", "auc"} and metrics["auc"] == pytest.approx(1.0)
 
 
@@ -118,7 +118,7 @@ def test_knn_on_real_pixels_beats_chance_and_chunks_do_not_matter(pixels):
                                       chunk_size=37)
     np.testing.assert_allclose(chunked, whole, atol=1e-5)
     np.testing.assert_allclose(whole.sum(-1), 1.0, rtol=1e-5)
-    assert downstream.accuracy(whole, y_test) > 0.6
+    assert evaluation.accuracy(whole, y_test) > 0.6
 
 
 def test_knn_with_one_neighbour_is_the_nearest_by_cosine():
@@ -138,8 +138,8 @@ def test_linear_probe_on_real_pixels_beats_chance_and_is_deterministic(pixels):
                                                  steps=300, lr=1e-2, seed=seed)
     scores = probe(0)
     assert scores.shape == (500, 10)
-    assert downstream.accuracy(scores, y_test) > 0.65
-    assert downstream.macro_auc(scores, y_test) > 0.9
+    assert evaluation.accuracy(scores, y_test) > 0.65
+    assert evaluation.macro_auc(scores, y_test) > 0.9
     np.testing.assert_array_equal(scores, probe(0))
     assert not np.array_equal(scores, probe(1))
 

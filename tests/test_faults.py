@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from smsd_jax import checkpoint, payload, server
+from smsd_jax import files, payload, server
+from smsd_jax.layout import Layout
 from tests.test_pipeline import ROOT, _cli, _config, _encode
 
 
@@ -52,7 +53,7 @@ def test_damaged_shard_is_named_and_can_be_skipped(tmp_path, damage):
 def test_payload_of_another_format_version_is_refused(tmp_path):
     a, _, _ = _encode(tmp_path, _config(), "site_a", n=32)
     manifest = payload.read_manifest(a)
-    checkpoint.write_json(a / payload.MANIFEST, {**manifest, "format": "smsd-payload/0"})
+    files.write_json(a / payload.MANIFEST, {**manifest, "format": "smsd-payload/0"})
     with pytest.raises(ValueError, match="not a payload of this project"):
         payload.read_manifest(a)
 
@@ -98,7 +99,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
     pay, _, _ = _encode(tmp_path, config, "payload", n=64)
     config.server.epochs = 3.0  # 4 steps an epoch: checkpoints at 4, 8, 12
     first = server.run_server(config, [pay], tmp_path / "ref")
-    ckpts = tmp_path / "ref" / "checkpoints"
+    ckpts = Layout(tmp_path / "ref").checkpoints
     latest = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
     for f in _data_files(ckpts / str(latest) / "state"):
         _flip_bytes(f)

@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from smsd_jax import export, server, sharding
+from smsd_jax import checkpoints, export, sharding
 from tests.test_pipeline import ROOT, _config, _encode
 
 # 64 images, batch 16: 4 steps an epoch, 8 steps; checkpoints at steps 4 and 8. No local
@@ -164,10 +164,10 @@ def test_state_fingerprint_ignores_the_split_and_sees_one_changed_element():
     put = lambda t, fsdp: jax.device_put(t, sharding.state_sharding(t, mesh, fsdp))
     split = put(tree, True)
     assert not split["w"].sharding.is_fully_replicated
-    fingerprint = server._state_fingerprint(split)
-    assert server._state_fingerprint(put(tree, False)) == fingerprint
+    fingerprint = checkpoints.state_fingerprint(split)
+    assert checkpoints.state_fingerprint(put(tree, False)) == fingerprint
     nudged = dict(tree, w=tree["w"].copy())
     nudged["w"][3, 7] = np.nextafter(nudged["w"][3, 7], np.float32(2))
     swapped = dict(tree, w=tree["w"][::-1].copy())
     for other in (nudged, swapped, dict(tree, step=np.int32(6))):
-        assert server._state_fingerprint(put(other, True)) != fingerprint
+        assert checkpoints.state_fingerprint(put(other, True)) != fingerprint

@@ -11,9 +11,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import shutil
 
 from configs import base
-from smsd_jax import checkpoint, consortium, data, export, payload, server, site
+from smsd_jax import artifacts, consortium, data, export, files, payload, server, site
 
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES = 96
@@ -47,7 +48,7 @@ def test_payload_holds_only_encrypted_tokens(tmp_path):
     for f in out.rglob("*"):
         rel = f.relative_to(out).parts
         assert rel[0] == payload.MANIFEST or rel[0].startswith("shard_"), rel
-    shard, meta = checkpoint.load_artifact(out / manifest["shards"][0]["name"])
+    shard, meta = artifacts.load_artifact(out / manifest["shards"][0]["name"])
     assert set(shard) == {"tokens"} and set(meta) == {"format", "checksum"}
     tokens = payload.read_tokens(out)
     m, k, d = manifest["num_samples"], manifest["tokens"], manifest["dim"]
@@ -90,7 +91,7 @@ def test_payloads_with_other_keep_are_refused(tmp_path):
 def test_incomplete_payload_is_refused(tmp_path):
     a, _, _ = _encode(tmp_path, _config(), "site_a", n=32)
     manifest = payload.read_manifest(a)
-    checkpoint.write_json(a / payload.MANIFEST, {**manifest, "complete": False})
+    files.write_json(a / payload.MANIFEST, {**manifest, "complete": False})
     with pytest.raises(ValueError, match="incomplete"):
         payload.check_agree({str(a): payload.read_manifest(a)})
 
@@ -101,10 +102,10 @@ def test_site_encoding_is_reproducible_and_resumes(tmp_path):
     # A site that stopped after its first shard continues with identical results.
     part, _, _ = _encode(tmp_path, config, "part")
     manifest = payload.read_manifest(part)
-    checkpoint.write_json(part / payload.MANIFEST,
+    files.write_json(part / payload.MANIFEST,
                           {**manifest, "shards": manifest["shards"][:1], "complete": False})
     for shard in manifest["shards"][1:]:
-        checkpoint.shutil.rmtree(part / shard["name"])
+        shutil.rmtree(part / shard["name"])
     _encode(tmp_path, config, "part")
     np.testing.assert_array_equal(payload.read_tokens(part), payload.read_tokens(full))
     assert len(payload.read_manifest(part)["shards"]) == N_IMAGES // 32

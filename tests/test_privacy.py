@@ -17,9 +17,9 @@ from PIL import Image
 from scipy import stats
 
 from configs import privacy_fashion
-from smsd_jax import data, models, ops
+from smsd_jax import data, evaluation, models, ops
 from smsd_jax.data import fashion_mnist
-from smsd_jax.privacy import attacks, metrics, study
+from smsd_jax.privacy import attacks, audit, leakage
 
 MEAN, STD = 0.286, 0.353  # config.data's normalisation
 PATCH, N, P = 4, 49, 16   # patch 4 on 28x28 grayscale: 49 positions, 16 values per patch
@@ -72,22 +72,22 @@ def test_public_head_without_protection_gives_back_positions_and_images(dim):
     tokens = _tokens(dim, 1, victims)
     # Shuffle anyway and attack as if the order were unknown: the attack must find positions.
     projected, found, patches = _linear_attack(dim, tokens)
-    assert metrics.position_accuracy(projected, np.broadcast_to(np.arange(N), (40, N))) >= 0.99
-    assert metrics.position_accuracy(found, np.broadcast_to(np.arange(N), (40, N))) >= 0.99
+    assert leakage.position_accuracy(projected, np.broadcast_to(np.arange(N), (40, N))) >= 0.99
+    assert leakage.position_accuracy(found, np.broadcast_to(np.arange(N), (40, N))) >= 0.99
     rebuilt = _to_image(patches, found, np.zeros((N, P)))
-    assert np.mean(metrics.psnr(rebuilt, victims)) > 30
-    assert np.mean(metrics.ssim(rebuilt, victims)) > 0.99
+    assert np.mean(leakage.psnr(rebuilt, victims)) > 30
+    assert np.mean(leakage.ssim(rebuilt, victims)) > 0.99
 
 
 def test_public_head_defeats_default_masking_and_permutation():
-    # METHOD.md's documented weakness: masking and permutation do not hide positions from a
+    # docs/method.md's documented weakness: masking and permutation do not hide positions from a
     # server that knows the head, and every kept patch comes back exactly.
     victims = _images("train", 40)
     sent, positions = ops.encrypt(jax.random.key(0), jnp.asarray(_tokens(128, 1, victims)), 0.5)
     sent, positions = np.asarray(sent), np.asarray(positions)
     projected, found, patches = _linear_attack(128, sent)
-    assert metrics.position_accuracy(projected, positions) >= 0.99
-    assert metrics.position_accuracy(found, positions) >= 0.99
+    assert leakage.position_accuracy(projected, positions) >= 0.99
+    assert leakage.position_accuracy(found, positions) >= 0.99
     kept = np.take_along_axis(_patches(victims), positions[..., None], axis=1)
     np.testing.assert_allclose(patches, kept, atol=1e-3)
 
@@ -98,8 +98,8 @@ def test_public_head_narrower_than_a_patch_still_leaks_positions():
     victims = _images("train", 40)
     sent, positions = ops.encrypt(jax.random.key(1), jnp.asarray(_tokens(8, 1, victims)), 0.5)
     projected, found, _ = _linear_attack(8, np.asarray(sent))
-    assert metrics.position_accuracy(projected, positions) < 3 * CHANCE
-    assert metrics.position_accuracy(found, positions) > 0.3
+    assert leakage.position_accuracy(projected, positions) < 3 * CHANCE
+    assert leakage.position_accuracy(found, positions) > 0.3
 
 
 def test_gaussian_scores_are_the_token_log_density_up_to_a_constant():
@@ -144,7 +144,7 @@ def test_learned_attacker_is_at_chance_with_its_own_head_and_wins_with_the_leake
         assert losses[-20:].mean() < 0.5 * losses[:20].mean()  # it did learn its own head
         log_probs, _ = attacks.attacker_predict(params, inputs)
         found = attacks.assign_positions(np.asarray(log_probs), "free")
-        accuracy[name] = metrics.position_accuracy(found, positions)
+        accuracy[name] = leakage.position_accuracy(found, positions)
     assert accuracy["own"] < 3 * CHANCE, accuracy
     assert accuracy["leaked"] > 0.9, accuracy
 
@@ -156,8 +156,8 @@ def test_residual_clustering_groups_tokens_by_position_without_the_head():
     raw = attacks.kmeans(jax.random.key(0), jnp.asarray(flat), k=N, iters=15)
     residual = attacks.kmeans(jax.random.key(0), jnp.asarray(
         attacks.remove_top_components(flat, P), jnp.float32), k=N, iters=15)
-    assert metrics.cluster_purity(residual, truth) > 0.7
-    assert metrics.cluster_purity(residual, truth) > metrics.cluster_purity(raw, truth) + 0.2
+    assert leakage.cluster_purity(residual, truth) > 0.7
+    assert leakage.cluster_purity(residual, truth) > leakage.cluster_purity(raw, truth) + 0.2
 
 
 def test_a_secret_head_is_estimated_from_moments_when_positions_are_known():
@@ -175,19 +175,19 @@ def test_a_secret_head_is_estimated_from_moments_when_positions_are_known():
     model = attacks.linear_gaussian(kernel, offsets, prior)
     rebuilt = _to_image(attacks.invert_patches(model, tokens, positions), positions, prior.mean)
     mean_image = _to_image(prior.mean[None], np.arange(N)[None], prior.mean)
-    assert np.mean(metrics.psnr(rebuilt, victims)) > 20
-    assert np.mean(metrics.psnr(np.broadcast_to(mean_image, victims.shape), victims)) < 12
-    assert np.mean(metrics.ssim(rebuilt, victims)) > 0.7
+    assert np.mean(leakage.psnr(rebuilt, victims)) > 20
+    assert np.mean(leakage.psnr(np.broadcast_to(mean_image, victims.shape), victims)) < 12
+    assert np.mean(leakage.ssim(rebuilt, victims)) > 0.7
 
 
 def test_a_reused_permutation_gives_positions_away_by_slot():
     victims = _images("train", 200)
     tokens = jnp.asarray(_tokens(128, 1, victims))
-    fresh, fresh_positions = study.make_payload(jax.random.key(4), tokens, "both", 0.5)
-    reused, reused_positions = study.make_payload(jax.random.key(4), tokens, "reused", 0.5)
+    fresh, fresh_positions = audit.make_payload(jax.random.key(4), tokens, "both", 0.5)
+    reused, reused_positions = audit.make_payload(jax.random.key(4), tokens, "reused", 0.5)
     slots = np.broadcast_to(np.arange(fresh.shape[1]), fresh.shape[:2])
-    assert metrics.cluster_purity(slots, reused_positions) >= 0.95
-    assert metrics.cluster_purity(slots, fresh_positions) < 0.2
+    assert leakage.cluster_purity(slots, reused_positions) >= 0.95
+    assert leakage.cluster_purity(slots, fresh_positions) < 0.2
     # The server can tell, from the payload alone, that a site reused its permutation.
     assert attacks.slot_consistency(reused) > 10 * attacks.slot_consistency(fresh)
 
@@ -202,7 +202,7 @@ def test_linkage_tells_samples_of_one_image_from_samples_of_two():
     a, b = sent[:, 0], sent[:, 1]
     same, other = attacks.linkage_scores(a, b), attacks.linkage_scores(a, jnp.roll(b, 1, 0))
     labels = np.r_[np.ones(100), np.zeros(100)]
-    assert metrics.roc_auc(np.r_[same["chamfer"], other["chamfer"]], labels) > 0.8
+    assert evaluation.roc_auc(np.r_[same["chamfer"], other["chamfer"]], labels) > 0.8
 
 
 # ------------------------------------------------------------------- assignment and payloads
@@ -227,11 +227,11 @@ def test_assign_positions_uses_what_the_server_knows_of_order():
         attacks.assign_positions(noise, "shuffled")
 
 
-@pytest.mark.parametrize("setting", list(study.SETTINGS))
+@pytest.mark.parametrize("setting", list(audit.SETTINGS))
 def test_payloads_send_rows_of_the_tokens_as_their_setting_says(setting):
     tokens = jax.random.normal(jax.random.key(0), (6, N, 8))  # any tokens: a property
-    sent, positions = study.make_payload(jax.random.key(1), tokens, setting, 0.5)
-    masked, permuted, reused, _ = study.SETTINGS[setting]
+    sent, positions = audit.make_payload(jax.random.key(1), tokens, setting, 0.5)
+    masked, permuted, reused, _ = audit.SETTINGS[setting]
     np.testing.assert_array_equal(sent, jnp.take_along_axis(tokens, positions[..., None], 1))
     assert sent.shape[1] == (24 if masked else N)
     assert np.all(np.diff(np.asarray(positions), axis=1) > 0) != permuted
@@ -244,30 +244,30 @@ def test_payloads_send_rows_of_the_tokens_as_their_setting_says(setting):
 
 def test_ssim_of_an_image_with_itself_is_one_and_constant_images_match_the_formula():
     x = _images("test", 3)
-    np.testing.assert_allclose(metrics.ssim(x, x), 1.0, atol=1e-12)
+    np.testing.assert_allclose(leakage.ssim(x, x), 1.0, atol=1e-12)
     a, b = np.full((28, 28), 0.2), np.full((28, 28), 0.6)
     # No variance: SSIM = (2 a b + C1) / (a^2 + b^2 + C1), C1 = 0.01^2.
-    np.testing.assert_allclose(metrics.ssim(a, b), (2 * 0.12 + 1e-4) / (0.04 + 0.36 + 1e-4))
+    np.testing.assert_allclose(leakage.ssim(a, b), (2 * 0.12 + 1e-4) / (0.04 + 0.36 + 1e-4))
     noisy = np.clip(x + 0.2 * np.random.default_rng(0).normal(size=x.shape), 0, 1)
-    assert np.all(metrics.ssim(x, noisy) < 0.9)
+    assert np.all(leakage.ssim(x, noisy) < 0.9)
 
 
 def test_psnr_of_a_constructed_case():
-    np.testing.assert_allclose(metrics.psnr(np.zeros((2, 8, 8)), np.full((2, 8, 8), 0.1)), 20.0)
-    np.testing.assert_allclose(metrics.psnr(np.zeros((8, 8)), np.full((8, 8), 2.0), 4.0), 6.0206,
+    np.testing.assert_allclose(leakage.psnr(np.zeros((2, 8, 8)), np.full((2, 8, 8), 0.1)), 20.0)
+    np.testing.assert_allclose(leakage.psnr(np.zeros((8, 8)), np.full((8, 8), 2.0), 4.0), 6.0206,
                                atol=1e-4)
-    assert metrics.psnr(np.ones((4, 4)), np.ones((4, 4))) == np.inf
+    assert leakage.psnr(np.ones((4, 4)), np.ones((4, 4))) == np.inf
 
 
 def test_accuracy_purity_and_auc_on_hand_cases():
-    assert metrics.position_accuracy([1, 2, 3, 4], [1, 2, 0, 0]) == 0.5
+    assert leakage.position_accuracy([1, 2, 3, 4], [1, 2, 0, 0]) == 0.5
     # Group 0 holds positions 5, 5, 7 (2 right); group 1 holds 7, 7 (2 right): 4 of 5.
-    assert metrics.cluster_purity([0, 0, 0, 1, 1], [5, 5, 7, 7, 7]) == 0.8
-    assert metrics.roc_auc([3, 2, 1, 0], [1, 1, 0, 0]) == 1.0
-    assert metrics.roc_auc([0, 1, 2, 3], [1, 1, 0, 0]) == 0.0
-    assert metrics.roc_auc([1, 1, 1, 1], [1, 0, 1, 0]) == 0.5
+    assert leakage.cluster_purity([0, 0, 0, 1, 1], [5, 5, 7, 7, 7]) == 0.8
+    assert evaluation.roc_auc([3, 2, 1, 0], [1, 1, 0, 0]) == 1.0
+    assert evaluation.roc_auc([0, 1, 2, 3], [1, 1, 0, 0]) == 0.0
+    assert evaluation.roc_auc([1, 1, 1, 1], [1, 0, 1, 0]) == 0.5
     with pytest.raises(ValueError, match="same shape"):
-        metrics.position_accuracy([1, 2], [1])
+        leakage.position_accuracy([1, 2], [1])
 
 
 # ---------------------------------------------------------------------------------- study
@@ -277,20 +277,20 @@ def test_study_refuses_to_attack_with_the_images_it_attacks(tmp_path):
     config = privacy_fashion.get_config("tiny")
     config.privacy.public_split = "train"
     with pytest.raises(ValueError, match="must not hold the images it attacks"):
-        study.run_privacy(config, tmp_path)
+        audit.run_privacy(config, tmp_path)
 
 
 def test_run_privacy_tiny_writes_json_markdown_and_pngs(tmp_path):
     config = privacy_fashion.get_config("tiny")
-    summary = study.run_privacy(config, tmp_path)
+    summary = audit.run_privacy(config, tmp_path)
     results = tmp_path / "results"
     written = json.loads((results / "privacy.json").read_text())
-    assert len(written["rows"]) == 2 * len(study.points(config))
-    assert {r["head"] for r in written["rows"]} == set(study.HEADS)
+    assert len(written["rows"]) == 2 * len(audit.points(config))
+    assert {r["head"] for r in written["rows"]} == set(audit.HEADS)
     assert written["answer"]["question"] and summary["answer"] == written["answer"]
     table = (results / "privacy.md").read_text()
     assert "| point | head |" in table and "## Answer" in table
-    for head in study.HEADS:
+    for head in audit.HEADS:
         with Image.open(results / f"reconstructions_{head}.png") as image:
             image.verify()
             assert image.format == "PNG" and image.size[0] > 100

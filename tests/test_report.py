@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from tensorboardX.proto import event_pb2
 
-from smsd_jax import metrics, report
+from smsd_jax import metrics_log, report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,7 +128,7 @@ def read_events(path: Path) -> list[event_pb2.Event]:
 
 def test_event_file_holds_the_scalars_of_a_real_run(run, tmp_path):
     rows = [json.loads(line) for line in (run / "server" / "metrics.jsonl").open()]
-    with metrics.EventWriter(tmp_path / "tb") as writer:
+    with metrics_log.EventWriter(tmp_path / "tb") as writer:
         for row in rows:
             writer.scalars(row["step"], {k: v for k, v in row.items() if k != "step"})
         writer.flush()
@@ -146,7 +146,7 @@ def test_event_file_holds_the_scalars_of_a_real_run(run, tmp_path):
 
 def test_two_writers_keep_separate_files(tmp_path):
     for step in (0, 1):
-        with metrics.EventWriter(tmp_path) as writer:
+        with metrics_log.EventWriter(tmp_path) as writer:
             writer.scalars(step, {"loss": 1.0})
     files = sorted(tmp_path.glob("events.out.tfevents.*"))
     assert len(files) == 2
@@ -154,7 +154,7 @@ def test_two_writers_keep_separate_files(tmp_path):
 
 
 def test_metrics_do_not_import_tensorflow():
-    code = ("import sys, smsd_jax.metrics; "
+    code = ("import sys, smsd_jax.metrics_log; "
             "sys.exit(any(m.split('.')[0] == 'tensorflow' for m in sys.modules))")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
                    env=dict(os.environ, PYTHONPATH=str(ROOT)))

@@ -9,20 +9,20 @@ import numpy as np
 import pytest
 
 from configs import study_fashion
-from smsd_jax import study, study_report
+from smsd_jax.study import comparison, summary as tables
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_plan_runs_pooled_methods_once_per_seed():
     config = study_fashion.get_config()
-    runs = study.plan(config)
+    runs = comparison.plan(config)
     methods = [(r["method"], r["partition"], r["seed"]) for r in runs if r["kind"] == "method"]
     assert len(methods) == len(set(methods))
     for seed in config.study.seeds:
         for method in ("smsd", "fedavg_dino"):
             assert {p for m, p, s in methods if m == method and s == seed} == {"iid", "dirichlet"}
-        for method in study.POOLED:
+        for method in comparison.POOLED:
             assert [p for m, p, s in methods if m == method and s == seed] == ["pooled"]
     ablations = [r for r in runs if r["kind"] == "ablation"]
     assert [r["ablation"] for r in ablations] == list(config.study.ablations)
@@ -31,14 +31,14 @@ def test_plan_runs_pooled_methods_once_per_seed():
 
 def test_ablation_changes_one_setting():
     config = study_fashion.get_config()
-    assert study.ablation_config(config, "keep=0.25").site.keep == 0.25
-    assert study.ablation_config(config, "samples=4").site.num_samples == 4
-    assert study.ablation_config(config, "no_permutation").site.permute is False
-    public = study.ablation_config(config, "public_head")
+    assert comparison.ablation_config(config, "keep=0.25").site.keep == 0.25
+    assert comparison.ablation_config(config, "samples=4").site.num_samples == 4
+    assert comparison.ablation_config(config, "no_permutation").site.permute is False
+    public = comparison.ablation_config(config, "public_head")
     assert public.consortium_seed != config.consortium_seed and public.site == config.site
     assert config.site.keep == 0.5 and config.site.permute  # the original is untouched
     with pytest.raises(ValueError, match="'keep_half'"):
-        study.ablation_config(config, "keep_half")
+        comparison.ablation_config(config, "keep_half")
 
 
 def _record(method, partition, seed, accuracy, upload=1000):
@@ -57,7 +57,7 @@ def test_summary_statistics_over_seeds():
     records = ([_record("smsd", "iid", s, a) for s, a in enumerate(smsd)]
                + [_record("fedavg_dino", "iid", s, a, upload=5000) for s, a in enumerate(fedavg)]
                + [_record("finetune_only", "pooled", s, 0.5) for s in range(3)])
-    summary = study_report.summarize(config, records)
+    summary = tables.summarize(config, records)
     cell = summary["table"]["iid"]["smsd"]["linear"]["0.1"]["accuracy"]
     assert cell["mean"] == pytest.approx(np.mean(smsd))
     assert cell["std"] == pytest.approx(np.std(smsd, ddof=1)) and cell["n"] == 3
@@ -66,7 +66,7 @@ def test_summary_statistics_over_seeds():
     diff = summary["comparisons"]["iid"]["smsd - fedavg_dino"]["linear"]["0.1"]
     assert diff["mean"] == pytest.approx(np.mean(smsd) - np.mean(fedavg))
     assert summary["cost"]["iid"]["fedavg_dino"]["upload_bytes_per_site"] == 5000
-    text = study_report.markdown(summary)
+    text = tables.markdown(summary)
     assert f"{100 * np.mean(smsd):.1f} ± {100 * np.std(smsd, ddof=1):.1f}" in text
     assert "FedAvg-DINO" in text and "Cost, sites iid" in text
 
@@ -101,7 +101,7 @@ def test_tiny_study_from_the_cli_and_resume(tmp_path):
     # The ablation ran and is reported apart from the methods.
     names = [a["name"] for a in summary["ablations"]]
     assert names[0].startswith("default") and names[1:] == ["no_permutation"]
-    for name in (study_report.FRACTIONS_PNG, study_report.BYTES_PNG):
+    for name in (tables.FRACTIONS_PNG, tables.BYTES_PNG):
         assert (results / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| SMSD (single round) |" in (results / "study.md").read_text()
 

@@ -1,5 +1,5 @@
 """Centralized DINO: image DINO on the pooled raw images of all sites, the upper bound that
-privacy forbids (METHOD.md, "Baselines").
+privacy forbids (docs/method.md, "Baselines").
 
 It runs `config.server.epochs` epochs over the pooled images, as SMSD's server does over the
 pooled payloads, so both methods see the same number of images. Its cost: each site uploads
@@ -16,6 +16,7 @@ import numpy as np
 
 from smsd_jax import accounting
 from smsd_jax.baselines import image_dino
+from smsd_jax.errors import SMSDError
 
 
 def pretrain_centralized(config, source, indices, *, seed: int,
@@ -43,8 +44,8 @@ def pretrain_centralized(config, source, indices, *, seed: int,
     indices = np.asarray(indices)
     site_indices = [indices] if site_indices is None else site_indices
     if sum(map(len, site_indices)) != len(indices):
-        raise ValueError(f"site_indices hold {sum(map(len, site_indices))} images but indices "
-                         f"hold {len(indices)}; pass the sites whose images were pooled")
+        raise SMSDError(f"site_indices hold {sum(map(len, site_indices))} images but indices "
+                        f"hold {len(indices)}; pass the sites whose images were pooled")
     (per_epoch,) = image_dino.batches_per_epoch([len(indices)], cfg.batch_size,
                                                 ["the pooled data"])
     total = max(1, int(round(cfg.epochs * per_epoch)))
@@ -68,7 +69,7 @@ def pretrain_centralized(config, source, indices, *, seed: int,
                                   time.perf_counter() - start, cfg.out_dim))
     model_bytes = accounting.tree_bytes({"head": state.teacher["head"],
                                          "body": state.teacher["body"]})
-    return image_dino.pretrained(
+    return image_dino.from_teacher(
         config, state.teacher, images_seen=total * cfg.batch_size, steps=total,
         server_flops=dino.step_flops * total, client_flops_per_site=[0.0] * len(site_indices),
         upload_bytes_per_site=[image_dino.image_bytes(source, s) for s in site_indices],

@@ -1,6 +1,6 @@
 """FedAvg-DINO: each site runs image DINO on its raw images for E local epochs per round; the
 server averages the sites' students, teachers and DINO centres, weighted by image count;
-R rounds (METHOD.md, "Baselines"). Simulated: the sites train one after another in this
+R rounds (docs/method.md, "Baselines"). Simulated: the sites train one after another in this
 process, all with one jitted step.
 
 Choices:
@@ -33,6 +33,7 @@ import optax
 
 from smsd_jax import accounting, distill
 from smsd_jax.baselines import image_dino
+from smsd_jax.errors import SMSDError
 
 
 @jax.jit
@@ -78,7 +79,7 @@ def pretrain_fedavg(config, source, site_indices: list[np.ndarray], *, seed: int
     start = time.perf_counter()
     cfg, b = config.server, config.baselines
     if not site_indices:
-        raise ValueError("pretrain_fedavg needs at least one site's indices")
+        raise SMSDError("pretrain_fedavg needs at least one site's indices")
     sizes = [len(indices) for indices in site_indices]
     per_epoch = image_dino.batches_per_epoch(sizes, cfg.batch_size,
                                            [f"site {k}" for k in range(len(sizes))])
@@ -117,7 +118,7 @@ def pretrain_fedavg(config, source, site_indices: list[np.ndarray], *, seed: int
         print(image_dino.progress("fedavg: round", r + 1, b.rounds, row,
                                   time.perf_counter() - start, cfg.out_dim))
     num_values = sum(int(np.size(x)) for x in jax.tree.leaves(shared))
-    return image_dino.pretrained(
+    return image_dino.from_teacher(
         config, shared[1], images_seen=done_images, steps=b.rounds * sum(local_steps),
         server_flops=float(b.rounds * 2 * len(sizes) * num_values),
         client_flops_per_site=[dino.step_flops * b.rounds * s for s in local_steps],

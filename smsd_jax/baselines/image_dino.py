@@ -26,6 +26,7 @@ import numpy as np
 
 from smsd_jax import accounting, data, distill, models
 from smsd_jax.baselines import multicrop
+from smsd_jax.errors import NotFiniteError, SMSDError
 
 
 class Pretrained(NamedTuple):
@@ -142,9 +143,9 @@ def batches_per_epoch(sizes: list[int], batch_size: int, names: list[str]) -> li
     """
     for size, name in zip(sizes, names):
         if size < batch_size:
-            raise ValueError(f"{name} has {size} images, fewer than one batch of "
-                             f"config.server.batch_size={batch_size}; lower the batch size or "
-                             "give the site more images")
+            raise SMSDError(f"{name} has {size} images, fewer than one batch of "
+                            f"config.server.batch_size={batch_size}; lower the batch size or "
+                            "give the site more images")
     return [size // batch_size for size in sizes]
 
 
@@ -173,8 +174,8 @@ def train(dino: ImageDINO, state: distill.DistillState, images: Iterator[np.ndar
     metrics = jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(per_step))
     bad = np.flatnonzero(~np.isfinite(metrics["loss"]))
     if bad.size:
-        raise FloatingPointError(f"{where}: the DINO loss is not finite from local step "
-                                 f"{bad[0]}; lower config.server.lr or use float32")
+        raise NotFiniteError(f"{where}: the DINO loss is not finite from local step "
+                             f"{bad[0]}; lower config.server.lr or use float32")
     return state, metrics
 
 
@@ -201,7 +202,7 @@ def image_bytes(source, indices) -> int:
     return int(source[int(indices[0])]["image"].nbytes) * len(indices)
 
 
-def pretrained(config, teacher, **cost) -> Pretrained:
+def from_teacher(config, teacher, **cost) -> Pretrained:
     """The teacher's head and body (on the host) as a `Pretrained`, with `cost`'s fields."""
     teacher = jax.device_get(teacher)
     return Pretrained(head=models.head_from_config(config), head_params=teacher["head"],

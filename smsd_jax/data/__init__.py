@@ -1,12 +1,11 @@
 """Data: sources (Fashion-MNIST, MedMNIST .npz, PNG/JPEG/DICOM folders, TFDS), site
 partitions, and grain pipelines for sites and downstream training."""
 
+from smsd_jax.data import checks
 from smsd_jax.data.augment import Augment
 from smsd_jax.data.augment import SiteSamples
 from smsd_jax.data.augment import ToFloat
 from smsd_jax.data.augment import augment_from_config
-from smsd_jax.data.augment import labelled_dataset
-from smsd_jax.data.augment import site_dataset
 from smsd_jax.data.partition import dirichlet_partition
 from smsd_jax.data.partition import iid_partition
 from smsd_jax.data.partition import label_histogram
@@ -14,6 +13,10 @@ from smsd_jax.data.partition import label_partition
 from smsd_jax.data.partition import load_partition
 from smsd_jax.data.partition import partition
 from smsd_jax.data.partition import save_partition
+from smsd_jax.data.partition import split_sites
+from smsd_jax.data.partition import subset_size
+from smsd_jax.data.pipelines import labelled_dataset
+from smsd_jax.data.pipelines import site_dataset
 from smsd_jax.data.registry import SOURCES
 from smsd_jax.data.registry import load_source
 from smsd_jax.data.sources import ArraySource

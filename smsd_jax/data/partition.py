@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import numpy as np
+
+from smsd_jax import files
+from smsd_jax.data import checks
+from smsd_jax.errors import SMSDError
 
 _DIRICHLET_TRIES = 100
 
 
 def _check(labels, num_sites: int) -> np.ndarray:
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be a non-empty integer array [N], got {labels.dtype}"
-                         f" {labels.shape}.")
+    labels = checks.integer_array(labels, "labels")
     if not 1 <= num_sites <= labels.size:
-        raise ValueError(f"num_sites must be in [1, {labels.size}] (the number of images),"
-                         f" got {num_sites}.")
+        raise SMSDError(f"num_sites must be in [1, {labels.size}] (the number of images),"
+                        f" got {num_sites}.")
     return labels
 
 
@@ -54,16 +54,16 @@ def dirichlet_partition(labels, num_sites: int, alpha: float, seed: int,
     """
     labels = _check(labels, num_sites)
     if alpha <= 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}.")
+        raise SMSDError(f"alpha must be > 0, got {alpha}.")
     if num_sites * min_size > labels.size:
-        raise ValueError(f"{num_sites} sites x min_size {min_size} exceeds the {labels.size}"
-                         " images; lower num_sites or min_size.")
+        raise SMSDError(f"{num_sites} sites x min_size {min_size} exceeds the {labels.size}"
+                        " images; lower num_sites or min_size.")
     rng = np.random.default_rng(seed)
     for _ in range(_DIRICHLET_TRIES):
         parts = _dirichlet_once(labels, num_sites, alpha, rng)
         if min(part.size for part in parts) >= min_size:
             return parts
-    raise ValueError(
+    raise SMSDError(
         f"no Dirichlet(alpha={alpha}) split of {labels.size} images into {num_sites} sites"
         f" gave every site >= {min_size} images in {_DIRICHLET_TRIES} draws; raise alpha or"
         " lower num_sites or min_size.")
@@ -74,8 +74,8 @@ def label_partition(labels, num_sites: int, seed: int) -> list[np.ndarray]:
     labels = _check(labels, num_sites)
     classes = np.unique(labels)
     if num_sites > classes.size:
-        raise ValueError(f"label partition needs num_sites <= number of classes present"
-                         f" ({classes.size}), got {num_sites}.")
+        raise SMSDError(f"label partition needs num_sites <= number of classes present"
+                        f" ({classes.size}), got {num_sites}.")
     groups = np.array_split(np.random.default_rng(seed).permutation(classes), num_sites)
     return [np.flatnonzero(np.isin(labels, group)) for group in groups]
 
@@ -89,37 +89,36 @@ def partition(labels, kind: str, num_sites: int, seed: int, alpha: float = 0.5,
         return dirichlet_partition(labels, num_sites, alpha, seed, min_size)
     if kind == "label":
         return label_partition(labels, num_sites, seed)
-    raise ValueError(f"unknown partition kind {kind!r}; use 'iid', 'dirichlet' or 'label'.")
+    raise SMSDError(f"unknown partition kind {kind!r}; use 'iid', 'dirichlet' or 'label'.")
 
 
-def save_partition(path: str, parts: list[np.ndarray], meta: dict) -> None:
-    """Writes `{"meta": meta, "sites": [[indices...], ...]}` as JSON, atomically.
+def subset_size(data_config, n: int) -> int:
+    """How many of a split's `n` images a run uses: the first `data_config.subset` (all when
+    it is 0)."""
+    return min(n, data_config.subset) if data_config.subset > 0 else n
 
-    Written to a temporary file in the same folder and renamed, so a reader (another
-    stage, maybe on another host) never sees a half-written file.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+
+def split_sites(labels, data_config, seed: int) -> list[np.ndarray]:
+    """The sites of a simulation: the first `data_config.subset` images (all when 0), split
+    into `data_config.num_sites` sites by `data_config.partition` (and `alpha`)."""
+    labels = np.asarray(labels)
+    return partition(labels[:subset_size(data_config, len(labels))], data_config.partition, data_config.num_sites, seed,
+                     alpha=data_config.alpha)
+
+
+def save_partition(path: str | os.PathLike, parts: list[np.ndarray], meta: dict) -> None:
+    """Writes `{"meta": meta, "sites": [[indices...], ...]}` as JSON, atomically (`files`):
+    a reader (another stage, maybe on another host) never sees a half-written file."""
     content = {"meta": meta, "sites": [np.asarray(part).tolist() for part in parts]}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".partition-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(content, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    files.write_text(path, json.dumps(content))
 
 
-def load_partition(path: str) -> tuple[list[np.ndarray], dict]:
+def load_partition(path: str | os.PathLike) -> tuple[list[np.ndarray], dict]:
     """Reads a file written by `save_partition`: (index arrays int64, meta)."""
-    with open(path) as f:
-        content = json.load(f)
+    content = files.read_json(path)
     if not isinstance(content, dict) or not {"meta", "sites"} <= set(content):
-        raise ValueError(f"{path} is not a partition file (needs keys 'meta' and 'sites');"
-                         " write it with save_partition.")
+        raise SMSDError(f"{path} is not a partition file (needs keys 'meta' and 'sites');"
+                        " write it with save_partition.")
     return [np.asarray(site, np.int64) for site in content["sites"]], content["meta"]
 
 
@@ -127,6 +126,6 @@ def label_histogram(labels, parts: list[np.ndarray], num_classes: int) -> np.nda
     """Images per site and class: int64 [num_sites, num_classes]."""
     labels = np.asarray(labels)
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"labels span [{labels.min()}, {labels.max()}], outside"
-                         f" [0, {num_classes}); pass the right num_classes.")
+        raise SMSDError(f"labels span [{labels.min()}, {labels.max()}], outside"
+                        f" [0, {num_classes}); pass the right num_classes.")
     return np.stack([np.bincount(labels[part], minlength=num_classes) for part in parts])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from smsd_jax.data import sources
+from smsd_jax.errors import SMSDError
 
 SOURCES = ("fashion_mnist", "medmnist", "folder", "tfds")
 
@@ -23,10 +24,10 @@ def load_source(data, split: str) -> sources.Source:
     elif data.source == "tfds":
         src = sources.tfds_source(data.tfds_name, split, data_dir=data.path or None)
     else:
-        raise ValueError(f"config.data.source={data.source!r} is unknown; use one of {SOURCES}")
+        raise SMSDError(f"config.data.source={data.source!r} is unknown; use one of {SOURCES}")
     want = (data.image_size, data.image_size, data.channels)
     if tuple(src.image_shape) != want:
-        raise ValueError(
+        raise SMSDError(
             f"{src.name}: images are {src.image_shape} but config.data asks for {want}; set "
             f"--config.data.image_size and --config.data.channels to match the data")
     return src

@@ -21,6 +21,8 @@ import pydicom.pixels
 from pydicom.errors import InvalidDicomError
 from PIL import Image
 
+from smsd_jax.errors import MissingInputError, SMSDError
+
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -50,7 +52,7 @@ def _record(image: np.ndarray, label) -> dict[str, np.ndarray]:
 def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
-        raise ValueError(
+        raise SMSDError(
             f"{where}: {bad.size} labels outside [0, {num_classes}), first at index {bad[0]}"
             f" (label {labels[bad[0]]}); fix the labels or pass the right num_classes.")
 
@@ -62,19 +64,19 @@ class ArraySource:
                  class_names: Sequence[str] | None = None):
         images, labels = np.asarray(images), np.asarray(labels)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-            raise ValueError(
+            raise SMSDError(
                 f"{name}: images must be uint8 [N, H, W, C] with C 1 or 3, got {images.dtype}"
                 f" {images.shape}; add a channel axis with images[..., None] for grayscale.")
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(
+            raise SMSDError(
                 f"{name}: labels must be integers [N], got {labels.dtype} {labels.shape}.")
         if len(images) != len(labels):
-            raise ValueError(
+            raise SMSDError(
                 f"{name}: {len(images)} images but {len(labels)} labels; they must match.")
         if len(images) == 0:
-            raise ValueError(f"{name}: the data set is empty; check the file or split.")
+            raise SMSDError(f"{name}: the data set is empty; check the file or split.")
         if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"{name}: {len(class_names)} class names for {num_classes} classes.")
+            raise SMSDError(f"{name}: {len(class_names)} class names for {num_classes} classes.")
         _check_labels(labels, num_classes, name)
         # Records are views into these arrays, which may be shared through a cache:
         # read-only views make an in-place transform fail loudly instead of corrupting them.
@@ -103,13 +105,13 @@ def _read_idx(path: str, ndim: int) -> np.ndarray:
         data = f.read()
     # Magic: two zero bytes, type 0x08 (uint8), number of dimensions.
     if len(data) < 4 + 4 * ndim or data[:4] != bytes([0, 0, 8, ndim]):
-        raise ValueError(
+        raise SMSDError(
             f"{path}: not a uint8 IDX file with {ndim} dimensions (magic {data[:4].hex()});"
             " the file is corrupt: reinstall dataset-fashion-mnist.")
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     values = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
     if values.size != np.prod(shape):
-        raise ValueError(
+        raise SMSDError(
             f"{path}: header says {shape} = {np.prod(shape)} values but the file holds"
             f" {values.size}; the file is truncated: reinstall dataset-fashion-mnist.")
     return values.reshape(shape)
@@ -123,15 +125,15 @@ def _fashion_mnist_arrays(root: str, split: str) -> tuple[np.ndarray, np.ndarray
              for kind, n in (("images", 3), ("labels", 1))]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"Fashion-MNIST not found: missing {', '.join(missing)}. Install it with"
             " `sudo apt-get install dataset-fashion-mnist` (Debian package, installs to"
             f" {FASHION_MNIST_ROOT}) or pass root= the folder holding the IDX .gz files."
             " Nothing is downloaded.")
     images, labels = _read_idx(paths[0], 3), _read_idx(paths[1], 1)
     if len(images) != len(labels):
-        raise ValueError(f"{root}: {len(images)} images but {len(labels)} labels in split"
-                         f" {split!r}; reinstall dataset-fashion-mnist.")
+        raise SMSDError(f"{root}: {len(images)} images but {len(labels)} labels in split"
+                        f" {split!r}; reinstall dataset-fashion-mnist.")
     return images[..., None], labels
 
 
@@ -141,7 +143,7 @@ def fashion_mnist(split: str = "train", root: str = FASHION_MNIST_ROOT) -> Array
     N is 60,000 for "train" and 10,000 for "test".
     """
     if split not in ("train", "test"):
-        raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}.")
+        raise SMSDError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}.")
     images, labels = _fashion_mnist_arrays(os.path.abspath(root), split)
     return ArraySource(images, labels, 10, f"fashion_mnist/{split}", FASHION_MNIST_CLASSES)
 
@@ -157,9 +159,9 @@ def medmnist_npz(path: str, split: str = "train") -> ArraySource:
     the train, val and test sources of one file agree.
     """
     if split not in ("train", "val", "test"):
-        raise ValueError(f"MedMNIST split must be 'train', 'val' or 'test', got {split!r}.")
+        raise SMSDError(f"MedMNIST split must be 'train', 'val' or 'test', got {split!r}.")
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"MedMNIST file {path} not found. Copy the .npz (e.g. pneumoniamnist.npz or"
             " pneumoniamnist_64.npz from the MedMNIST release) onto this machine; nothing is"
             " downloaded.")
@@ -167,13 +169,13 @@ def medmnist_npz(path: str, split: str = "train") -> ArraySource:
         arrays = {key: npz[key] for key in npz.files}
     for key in (f"{split}_images", f"{split}_labels"):
         if key not in arrays:
-            raise ValueError(
+            raise SMSDError(
                 f"{path} has no array {key!r} (it has {sorted(arrays)}); a MedMNIST file holds"
                 " train/val/test _images and _labels: check the file and the split.")
     label_keys = [k for k in arrays if k.endswith("_labels")]
     for key in label_keys:
         if arrays[key].ndim == 2 and arrays[key].shape[1] > 1:
-            raise ValueError(
+            raise SMSDError(
                 f"{path}: {key} has shape {arrays[key].shape}, a multi-label task (like"
                 " ChestMNIST); only single-label classification is supported.")
     images = arrays[f"{split}_images"]
@@ -205,18 +207,18 @@ def _read_dicom(path: str) -> np.ndarray:
     """
     ds = pydicom.dcmread(path)
     if "PixelData" not in ds:
-        raise ValueError(
+        raise SMSDError(
             f"{path}: DICOM has no pixel data (modality {ds.get('Modality', 'unknown')},"
             f" SOP class {ds.get('SOPClassUID', 'unknown')}); remove it from the labels CSV.")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
-        raise ValueError(
+        raise SMSDError(
             f"{path}: multi-frame DICOM ({frames} frames) is not supported; export the frame"
             " you want as its own file.")
     try:
         pixels = ds.pixel_array
     except Exception as e:  # pydicom raises several types for missing codecs
-        raise ValueError(
+        raise SMSDError(
             f"{path}: cannot decode pixel data (transfer syntax"
             f" {ds.file_meta.get('TransferSyntaxUID', 'unknown')}): {e}. Install a pydicom"
             " decoder plugin (e.g. pip install pylibjpeg pylibjpeg-openjpeg) or convert the"
@@ -252,7 +254,7 @@ def load_image(path: str, image_size: int, channels: int) -> np.ndarray:
         is_dicom = path.lower().endswith(_DICOM_SUFFIXES)
         pixels = _read_dicom(path) if is_dicom else _read_picture(path)
     except (OSError, InvalidDicomError) as e:
-        raise ValueError(f"{path}: cannot read the image ({e}); fix or remove the file.") from e
+        raise SMSDError(f"{path}: cannot read the image ({e}); fix or remove the file.") from e
     picture = Image.fromarray(pixels).convert("L" if channels == 1 else "RGB")
     picture = picture.resize((image_size, image_size), Image.Resampling.BILINEAR)
     return np.asarray(picture).reshape(image_size, image_size, channels)
@@ -282,7 +284,7 @@ def _parse_labels(raw: list[str], class_names: Sequence[str] | None,
         index = {name: i for i, name in enumerate(names)}
         unknown = sorted(set(raw) - set(index))
         if unknown:
-            raise ValueError(
+            raise SMSDError(
                 f"{where}: labels {unknown[:_MAX_LISTED]} are not in class_names {names}.")
         ids = np.array([index[s] for s in raw], np.int32)
     num_classes = len(names) if names is not None else int(ids.max()) + 1
@@ -299,14 +301,14 @@ class ImageFolderSource:
     def __init__(self, root: str, labels_csv: str, image_size: int, channels: int = 1,
                  class_names: Sequence[str] | None = None):
         if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels}.")
+            raise SMSDError(f"channels must be 1 or 3, got {channels}.")
         if image_size < 1:
-            raise ValueError(f"image_size must be positive, got {image_size}.")
+            raise SMSDError(f"image_size must be positive, got {image_size}.")
         rows = self._read_csv(labels_csv)
         self.paths = [os.path.join(root, path) for path, _ in rows]
         missing = [p for p in self.paths if not os.path.isfile(p)]
         if missing:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{labels_csv}: {len(missing)} of {len(rows)} listed files do not exist under"
                 f" {root}: {missing[:_MAX_LISTED]}{' ...' if len(missing) > _MAX_LISTED else ''};"
                 " fix the paths (relative to root) or remove the rows.")
@@ -319,20 +321,20 @@ class ImageFolderSource:
     @staticmethod
     def _read_csv(labels_csv: str) -> list[tuple[str, str]]:
         if not os.path.isfile(labels_csv):
-            raise FileNotFoundError(f"labels CSV {labels_csv} not found.")
+            raise MissingInputError(f"labels CSV {labels_csv} not found.")
         # utf-8-sig: spreadsheet programs often start a CSV with a byte-order mark.
         with open(labels_csv, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
-                raise ValueError(
+                raise SMSDError(
                     f"{labels_csv}: needs a header row with columns 'path' and 'label', got"
                     f" {reader.fieldnames}.")
             rows = [((row["path"] or "").strip(), (row["label"] or "").strip()) for row in reader]
         empty = [i + 2 for i, (path, label) in enumerate(rows) if not path or not label]
         if empty:
-            raise ValueError(f"{labels_csv}: empty path or label on lines {empty[:_MAX_LISTED]}.")
+            raise SMSDError(f"{labels_csv}: empty path or label on lines {empty[:_MAX_LISTED]}.")
         if not rows:
-            raise ValueError(f"{labels_csv}: no rows after the header; list at least one image.")
+            raise SMSDError(f"{labels_csv}: no rows after the header; list at least one image.")
         return rows
 
     def __len__(self) -> int:
@@ -395,7 +397,7 @@ def tfds_source(name: str, split: str, data_dir: str | None = None, image_key: s
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-        raise ValueError(
+        raise SMSDError(
             f"TFDS has no data set {name!r} (neither registered nor prepared under"
             f" data_dir={data_dir}); check the name and data_dir.") from None
     try:
@@ -403,7 +405,7 @@ def tfds_source(name: str, split: str, data_dir: str | None = None, image_key: s
     except Exception as e:  # TFDS raises many types here; the usual cause is checked below
         if builder.is_prepared():
             raise
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"TFDS data set {name!r} is not prepared under {builder.data_dir}. Nothing is"
             f" downloaded: on a machine with network run `tfds build {name}"
             " --file_format=array_record --data_dir=DIR`, copy DIR here and pass data_dir=DIR."
@@ -411,15 +413,15 @@ def tfds_source(name: str, split: str, data_dir: str | None = None, image_key: s
     features = builder.info.features
     for key in (image_key, label_key):
         if key not in features:
-            raise ValueError(f"TFDS {name!r} has no feature {key!r} (it has {list(features)});"
-                             " pass image_key= and label_key=.")
+            raise SMSDError(f"TFDS {name!r} has no feature {key!r} (it has {list(features)});"
+                            " pass image_key= and label_key=.")
     shape = tuple(features[image_key].shape)
     dtype = getattr(features[image_key], "np_dtype", None)
     if dtype != np.uint8 or len(shape) != 3 or None in shape or shape[-1] not in (1, 3):
-        raise ValueError(f"TFDS {name!r} images are {dtype} {shape}; only fixed-size uint8"
-                         " [H, W, 1|3] images are supported: use image_folder otherwise.")
+        raise SMSDError(f"TFDS {name!r} images are {dtype} {shape}; only fixed-size uint8"
+                        " [H, W, 1|3] images are supported: use image_folder otherwise.")
     num_classes = getattr(features[label_key], "num_classes", None)
     if num_classes is None:
-        raise ValueError(f"TFDS {name!r} feature {label_key!r} is not a ClassLabel; pass a"
-                         " label_key that is.")
+        raise SMSDError(f"TFDS {name!r} feature {label_key!r} is not a ClassLabel; pass a"
+                        " label_key that is.")
     return TfdsSource(data_source, f"{name}/{split}", num_classes, shape, image_key, label_key)

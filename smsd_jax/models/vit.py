@@ -2,7 +2,7 @@
 
 `ViTHead` turns images into tokens (patch embedding + position embedding); it is the only
 part that knows where a token came from. `ViTBody` takes any set of tokens `[batch, K, dim]`
-and has no position-dependent part, so it is permutation-equivariant (METHOD.md).
+and has no position-dependent part, so it is permutation-equivariant (docs/method.md).
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# dim, depth, heads. "tiny" is for tests; "small4" is the built-in data's model (METHOD.md).
+from smsd_jax.errors import SMSDError
+
+# dim, depth, heads. "tiny" is for tests; "small4" is the built-in data's model (docs/method.md).
 PRESETS = {
     "tiny": dict(dim=32, depth=2, heads=2),
     "small4": dict(dim=128, depth=4, heads=4),
@@ -24,7 +26,7 @@ PRESETS = {
 def preset(name: str) -> dict:
     """`{"dim", "depth", "heads"}` of a named ViT size."""
     if name not in PRESETS:
-        raise ValueError(f"unknown ViT size {name!r}; choose one of {sorted(PRESETS)}")
+        raise SMSDError(f"unknown ViT size {name!r}; choose one of {sorted(PRESETS)}")
     return dict(PRESETS[name])
 
 
@@ -36,7 +38,7 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
     """
     b, h, w, c = images.shape
     if h % patch_size or w % patch_size:
-        raise ValueError(f"image size {h}x{w} is not divisible by patch size {patch_size}")
+        raise SMSDError(f"image size {h}x{w} is not divisible by patch size {patch_size}")
     x = images.reshape(b, h // patch_size, patch_size, w // patch_size, patch_size, c)
     x = x.transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, (h // patch_size) * (w // patch_size), patch_size * patch_size * c)
@@ -72,8 +74,8 @@ class ViTHead(nn.Module):
         """images `[B, H, W, C]` (C = 1 or 3) -> tokens `[B, (H/p)*(W/p), D]`."""
         native = (self.image_size, self.image_size)
         if images.ndim != 4 or (images.shape[1:3] != native and not self.interpolate_pos):
-            raise ValueError(f"images of shape {images.shape} do not match the head: expected "
-                             f"[batch, {self.image_size}, {self.image_size}, channels]")
+            raise SMSDError(f"images of shape {images.shape} do not match the head: expected "
+                            f"[batch, {self.image_size}, {self.image_size}, channels]")
         patches = patchify(images.astype(self.dtype), self.patch_size)
         tokens = nn.Dense(self.dim, dtype=self.dtype, name="patch_embed")(patches)
         pos = self.param("pos_embed", nn.initializers.normal(self.pos_std),
@@ -157,8 +159,8 @@ class ViTBody(nn.Module):
     def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
         """tokens `[B, K, D]` -> (class feature `[B, D]`, token features `[B, K, D]`)."""
         if tokens.ndim != 3 or tokens.shape[-1] != self.dim:
-            raise ValueError(f"tokens of shape {tokens.shape} do not fit a body of width "
-                             f"{self.dim}: expected [batch, tokens, {self.dim}]")
+            raise SMSDError(f"tokens of shape {tokens.shape} do not fit a body of width "
+                            f"{self.dim}: expected [batch, tokens, {self.dim}]")
         cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, self.dim))
         cls = jnp.broadcast_to(cls, (tokens.shape[0], 1, self.dim))
         x = jnp.concatenate([cls, tokens], axis=1).astype(self.dtype)

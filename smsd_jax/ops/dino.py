@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from smsd_jax.errors import SMSDError
+
 
 def dino_loss(student_logits: jax.Array, teacher_logits: jax.Array, center: jax.Array,
               student_temp: float | jax.Array, teacher_temp: float | jax.Array) -> jax.Array:
@@ -30,8 +32,8 @@ def dino_loss(student_logits: jax.Array, teacher_logits: jax.Array, center: jax.
     chex.assert_equal_shape_suffix([student_logits, teacher_logits], 2)
     num_teacher, num_student = teacher_logits.shape[0], student_logits.shape[0]
     if num_student < 2 or num_teacher > num_student:
-        raise ValueError(f"need 2 <= student views ({num_student}) and teacher views "
-                         f"({num_teacher}) <= student views")
+        raise SMSDError(f"need 2 <= student views ({num_student}) and teacher views "
+                        f"({num_teacher}) <= student views")
     teacher = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32) - center)
     targets = jax.nn.softmax(teacher / teacher_temp, axis=-1)
     log_probs = jax.nn.log_softmax(student_logits.astype(jnp.float32) / student_temp, axis=-1)
@@ -84,8 +86,8 @@ def warmup_cosine(base: float, final: float, total_steps: int, warmup_steps: int
       `schedule(step) -> float32` for `step` in `[0, total_steps]`; constant after.
     """
     if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"need total_steps >= 1 and 0 <= warmup_steps <= total_steps, got "
-                         f"total_steps={total_steps}, warmup_steps={warmup_steps}")
+        raise SMSDError(f"need total_steps >= 1 and 0 <= warmup_steps <= total_steps, got "
+                        f"total_steps={total_steps}, warmup_steps={warmup_steps}")
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)

@@ -11,21 +11,22 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from smsd_jax.errors import SMSDError
 
-def num_kept(num_tokens: int, keep: float) -> int:
+
+def num_kept(num_tokens: int, keep: float, name: str = "keep", of: str = "tokens") -> int:
     """`K = round(keep * N)`, the number of tokens masked sampling keeps.
 
     Raises:
-        ValueError: `keep` is outside (0, 1] or rounds to no token at all.
+        SMSDError: `keep` is outside (0, 1] or rounds to no token at all (the message calls
+          it `name`, e.g. the config key, and the tokens `of`).
     """
     if not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep={keep!r} must be in (0, 1]: it is the fraction of tokens kept.")
+        raise SMSDError(f"{name}={keep!r}: must be a fraction in (0, 1] (of the tokens kept)")
     k = int(round(keep * num_tokens))
     if k < 1:
-        raise ValueError(
-            f"keep={keep!r} of {num_tokens} tokens keeps no token "
-            f"(round({keep} * {num_tokens}) = 0);"
-            " raise keep or use more tokens.")
+        raise SMSDError(f"{name}={keep!r}: keeps no token of the {num_tokens} {of} "
+                        f"(round({keep} * {num_tokens}) = 0); raise it or use more tokens")
     return k
 
 
@@ -94,7 +95,7 @@ def encrypt(key: jax.Array, tokens: jax.Array, keep: float,
     """What a site sends: masked sampling (keep `K` of `N` tokens), then a random permutation.
 
     Use a fresh key for every transmitted sample: a permutation reused across images leaks
-    (METHOD.md).
+    (docs/method.md).
 
     Args:
         key: a `jax.random` key.

@@ -1,4 +1,4 @@
-"""Attacks of an honest-but-curious server on SMSD payloads (METHOD.md, "Why a secret head").
+"""Attacks of an honest-but-curious server on SMSD payloads (docs/method.md, "Why a secret head").
 
 The server holds token sets `[samples, K, D]`, where a token at grid position n is
 `t = x W + o_n` for a patch `x` `[P]` (normalised pixels, `P = p*p*C`), the patch embedding
@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from scipy import optimize
+
+from smsd_jax.errors import SMSDError
 
 ORDERS = ("free", "sorted", "fixed")
 _CHUNK = 8192  # tokens per block when scoring: bounds the [block, r * r] intermediate
@@ -98,7 +100,7 @@ def fit_patch_prior(patches) -> PatchPrior:
     """patches `[S, N, P]` (S public images) -> their moments at each position."""
     patches = np.asarray(patches, np.float64)
     if patches.ndim != 3 or len(patches) < 2:
-        raise ValueError(f"patches of shape {patches.shape}: expected [images >= 2, N, P]")
+        raise SMSDError(f"patches of shape {patches.shape}: expected [images >= 2, N, P]")
     mean = patches.mean(0)
     centred = patches - mean
     return PatchPrior(mean, np.einsum("snp,snq->npq", centred, centred) / len(patches),
@@ -240,7 +242,7 @@ def assign_positions(scores, order: str) -> np.ndarray:
     """
     scores = np.asarray(scores, np.float64)
     if scores.ndim != 3 or scores.shape[1] > scores.shape[2]:
-        raise ValueError(f"scores of shape {scores.shape}: expected [samples, K, N], K <= N")
+        raise SMSDError(f"scores of shape {scores.shape}: expected [samples, K, N], K <= N")
     if order == "sorted":
         return _sorted_marginals(scores).argmax(-1)
     if order == "fixed":
@@ -248,7 +250,7 @@ def assign_positions(scores, order: str) -> np.ndarray:
         return np.broadcast_to(cols, scores.shape[:2]).copy()
     if order == "free":
         return np.stack([optimize.linear_sum_assignment(s, maximize=True)[1] for s in scores])
-    raise ValueError(f"order={order!r} is unknown; use one of {ORDERS}")
+    raise SMSDError(f"order={order!r} is unknown; use one of {ORDERS}")
 
 
 # ------------------------------------------------------------------------ learned attackers
@@ -368,8 +370,8 @@ def remove_top_components(tokens, num: int) -> np.ndarray:
     """
     tokens = np.asarray(tokens, np.float64)
     if not 0 <= num < tokens.shape[1]:
-        raise ValueError(f"cannot remove {num} of {tokens.shape[1]} directions: nothing would "
-                         "be left; this attack needs D > values per patch")
+        raise SMSDError(f"cannot remove {num} of {tokens.shape[1]} directions: nothing would "
+                        "be left; this attack needs D > values per patch")
     centred = tokens - tokens.mean(0)
     _, vectors = np.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
     return centred @ vectors[:, :tokens.shape[1] - num]
@@ -536,7 +538,7 @@ def unpatchify(patches, patch_size: int, channels: int) -> np.ndarray:
     b, n, _ = patches.shape
     side = int(round(np.sqrt(n)))
     if side * side != n:
-        raise ValueError(f"{n} patches do not form a square grid")
+        raise SMSDError(f"{n} patches do not form a square grid")
     x = patches.reshape(b, side, side, patch_size, patch_size, channels)
     return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, side * patch_size, side * patch_size,
                                                  channels)

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
-import os
 import time
-import uuid
 from pathlib import Path
 
 import jax
@@ -25,8 +22,10 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from smsd_jax import checkpoint, data, models, ops
-from smsd_jax.privacy import attacks, metrics
+from smsd_jax import data, evaluation, files, models, ops
+from smsd_jax.privacy import attacks, leakage
+from smsd_jax.errors import SMSDError
+from smsd_jax.layout import Layout
 
 # name: (masked, permuted, one draw reused for every sample, what the server knows of order)
 SETTINGS = {
@@ -44,7 +43,7 @@ KNOB_COSTS = {
                "tokens per sample (the default keep 0.5 is the method's)",
     "keep": "a lower keep sends fewer tokens per sample: less to learn from per view",
     "pos_std": "a small position embedding is drowned by content, so the body loses where a "
-               "token came from (METHOD.md needed std 0.5)",
+               "token came from (docs/method.md needed std 0.5)",
     "noise_std": "token noise corrupts every input of the body and of the downstream model",
     "dim": "D is the body's width: a small D limits the model, and D < values per patch "
            "throws content away at the site",
@@ -57,7 +56,7 @@ def make_payload(key: jax.Array, tokens: jax.Array, setting: str,
     """What a site sends under `setting`: tokens `[S, N, D]` -> (sent `[S, K, D]`, positions
     `[S, K]`). "none" and "permutation" send every token (keep 1)."""
     if setting not in SETTINGS:
-        raise ValueError(f"setting {setting!r} is unknown; use one of {sorted(SETTINGS)}")
+        raise SMSDError(f"setting {setting!r} is unknown; use one of {sorted(SETTINGS)}")
     masked, permuted, reused, _ = SETTINGS[setting]
     keep = keep if masked else 1.0
     if reused:
@@ -79,7 +78,7 @@ def points(config) -> list[dict]:
     out = [dict(default, setting=s, sweep="grid") for s in p.settings]
     for knob, values in p.sweeps.items():
         if knob not in KNOBS:
-            raise ValueError(f"config.privacy.sweeps.{knob} is not a knob; use {KNOBS}")
+            raise SMSDError(f"config.privacy.sweeps.{knob} is not a knob; use {KNOBS}")
         out += [dict(default, **{knob: v}, setting=p.sweep_setting, sweep=knob)
                 for v in values if v != default[knob]]
     for point in out:
@@ -96,8 +95,8 @@ def _images(config, split: str, count: int, seed: int) -> np.ndarray:
     """`count` images of `split`, drawn at random: float32 `[count, H, W, C]` in [0, 1]."""
     source = data.load_source(config.data, split)
     if count > len(source):
-        raise ValueError(f"config.privacy asks for {count} {split} images but {source.name} has"
-                         f" {len(source)}; lower num_victim / num_public")
+        raise SMSDError(f"config.privacy asks for {count} {split} images but {source.name} has"
+                        f" {len(source)}; lower num_victim / num_public")
     index = np.sort(np.random.default_rng(seed).choice(len(source), count, replace=False))
     return np.stack([source[int(i)]["image"] for i in index]).astype(np.float32) / 255
 
@@ -124,8 +123,8 @@ class _Data:
 def _prepare(config) -> _Data:
     p, d = config.privacy, config.data
     if p.victim_split == p.public_split:
-        raise ValueError(f"config.privacy.victim_split and public_split are both "
-                         f"{p.victim_split!r}: the server must not hold the images it attacks")
+        raise SMSDError(f"config.privacy.victim_split and public_split are both "
+                        f"{p.victim_split!r}: the server must not hold the images it attacks")
     m = config.site.num_samples
     augment = config.site.augment if p.augment else None
     flips = data.augment_from_config(augment).flip
@@ -206,10 +205,10 @@ def _quality(images, truth, flips: bool) -> dict:
     """Mean PSNR and SSIM of reconstructions `[S, H, W, 1]`. With `flips` each image is scored
     in its better orientation: the site mirrors images at random, so neither the attacker nor
     the truth has a preferred one, and a mirrored reconstruction shows as much."""
-    psnr, ssim = metrics.psnr(images, truth), metrics.ssim(images, truth)
+    psnr, ssim = leakage.psnr(images, truth), leakage.ssim(images, truth)
     if flips:
         mirrored = images[:, :, ::-1]
-        psnr_m, ssim_m = metrics.psnr(mirrored, truth), metrics.ssim(mirrored, truth)
+        psnr_m, ssim_m = leakage.psnr(mirrored, truth), leakage.ssim(mirrored, truth)
         psnr, ssim = np.maximum(psnr, psnr_m), np.where(psnr_m > psnr, ssim_m, ssim)
     return dict(psnr=float(np.mean(np.minimum(psnr, PSNR_CAP_DB))), ssim=float(np.mean(ssim)))
 
@@ -219,11 +218,11 @@ def _accuracy(found, truth, num_positions: int, flips: bool) -> float:
     (one choice for the whole payload: the mirror symmetry of flip-augmented data lets an
     attacker name every position by its mirror, which reveals as much)."""
     found, side = np.asarray(found), int(round(np.sqrt(num_positions)))
-    accuracy = metrics.position_accuracy(found, truth)
+    accuracy = leakage.position_accuracy(found, truth)
     if not flips:
         return accuracy
     mirrored = np.where(found >= 0, found // side * side + side - 1 - found % side, found)
-    return max(accuracy, metrics.position_accuracy(mirrored, truth))
+    return max(accuracy, leakage.position_accuracy(mirrored, truth))
 
 
 def _pairs(x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
@@ -242,7 +241,7 @@ def _linkage(similarity, samples: np.ndarray, m: int, seed: int) -> dict:
     other = (np.arange(n) + 1 + np.random.default_rng(seed).integers(n - 1, size=n)) % n
     same, different = similarity(a, b), similarity(a, b[other])
     labels = np.r_[np.ones(n), np.zeros(n)]
-    return {name: metrics.roc_auc(np.r_[same[name], different[name]], labels) for name in same}
+    return {name: evaluation.roc_auc(np.r_[same[name], different[name]], labels) for name in same}
 
 
 def _token_similarity(a, b) -> dict:
@@ -283,14 +282,14 @@ def _grouping(config, ds: _Data, sent, positions, order: str, noise_std: float,
     key = jax.random.key(seed)
     groups = _cluster(key, flat[pick], n, p.kmeans_iters)
     purity = dict(
-        content_only=metrics.cluster_purity(_cluster(
+        content_only=leakage.cluster_purity(_cluster(
             key, content.reshape(-1, pdim)[pick], n, p.kmeans_iters), truth[pick]),
-        kmeans=metrics.cluster_purity(groups, truth[pick]), residual=None,
-        slot=metrics.cluster_purity(slots, truth))
+        kmeans=leakage.cluster_purity(groups, truth[pick]), residual=None,
+        slot=leakage.cluster_purity(slots, truth))
     if dim > pdim:
         groups = _cluster(key, attacks.remove_top_components(flat[pick], pdim), n,
                           p.kmeans_iters)
-        purity["residual"] = metrics.cluster_purity(groups, truth[pick])
+        purity["residual"] = leakage.cluster_purity(groups, truth[pick])
     in_grid_order = order == "sorted" and k == n
     if order == "fixed" or in_grid_order:  # the slots are exact groups
         tokens, groups = flat, slots
@@ -505,7 +504,7 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _png(truth: np.ndarray, columns: dict, title: str) -> bytes:
+def _reconstructions_figure(truth: np.ndarray, columns: dict, title: str) -> Figure:
     """A grid of grayscale images: the originals, then one column per setting."""
     columns = {"original": truth, **columns}
     fig = Figure(figsize=(1.3 * len(columns), 1.3 * len(truth) + 0.5))
@@ -517,16 +516,7 @@ def _png(truth: np.ndarray, columns: dict, title: str) -> bytes:
             axes[i, j].imshow(image[..., 0], cmap="gray", vmin=0.0, vmax=1.0)
             axes[i, j].axis("off")
     fig.suptitle(title, fontsize=9)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
-
-
-def _write_bytes(path: Path, blob: bytes) -> None:
-    """Writes `blob` under a temporary name beside `path`, then renames it over `path`."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_bytes(blob)
-    os.replace(tmp, path)
+    return fig
 
 
 def _print_row(row: dict) -> None:
@@ -538,7 +528,7 @@ def _print_row(row: dict) -> None:
           f"linkage AUC {link}, {row['seconds']:.1f} s", flush=True)
 
 
-def run_privacy(config, workdir) -> dict:
+def run_privacy(config, workdir: Layout | str | Path) -> dict:
     """Runs the study of `config.privacy`; writes `workdir/results/privacy.{json,md}` and
     `reconstructions_{public,secret}.png`.
 
@@ -548,11 +538,11 @@ def run_privacy(config, workdir) -> dict:
     """
     p = config.privacy
     if config.data.channels != 1:
-        raise ValueError(f"config.data.channels={config.data.channels}: the privacy metrics "
-                         "(PSNR, SSIM on [0, 1]) are for grayscale images")
+        raise SMSDError(f"config.data.channels={config.data.channels}: the privacy metrics "
+                        "(PSNR, SSIM on [0, 1]) are for grayscale images")
     if p.num_victim < 2 or p.num_public < 2:
-        raise ValueError(f"config.privacy needs at least 2 victim and 2 public images, got "
-                         f"{p.num_victim} and {p.num_public}")
+        raise SMSDError(f"config.privacy needs at least 2 victim and 2 public images, got "
+                        f"{p.num_victim} and {p.num_public}")
     start = time.perf_counter()
     ds = _prepare(config)
     all_points = points(config)
@@ -585,15 +575,15 @@ def run_privacy(config, workdir) -> dict:
         victim_split=p.victim_split, public_split=p.public_split, victim_images=p.num_victim,
         public_images=p.num_public, num_samples=ds.num_samples, flips=ds.flips),
         config=p.to_dict())
-    results = Path(workdir) / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    files = [results / "privacy.json", results / "privacy.md"]
+    results = (workdir if isinstance(workdir, Layout) else Layout(workdir)).results
+    written = [results / "privacy.json", results / "privacy.md"]
     for head in HEADS:
-        files.append(results / f"reconstructions_{head}.png")
-        _write_bytes(files[-1], _png(truth, examples[head],
-                                     f"reconstructions, head {head} (best attack)"))
-    summary.update(files=[str(f) for f in files], seconds=time.perf_counter() - start)
-    checkpoint.write_text(files[1], markdown(summary))
-    checkpoint.write_json(files[0], summary)
+        written.append(files.save_figure(results / f"reconstructions_{head}.png",
+                                         _reconstructions_figure(
+                                             truth, examples[head],
+                                             f"reconstructions, head {head} (best attack)")))
+    summary.update(files=[str(f) for f in written], seconds=time.perf_counter() - start)
+    files.write_text(written[1], markdown(summary))
+    files.write_json(written[0], summary)
     print(f"privacy: {summary['seconds'] / 60:.1f} min; results in {results}", flush=True)
     return summary

@@ -1,4 +1,4 @@
-"""How much an attack on a payload recovered: image quality, position and grouping scores, AUC.
+"""How much an attack on a payload recovered: image quality, position and grouping scores.
 
 Pure NumPy, no I/O. Images are grayscale in [0, 1]: `[H, W]`, `[B, H, W]` or `[B, H, W, 1]`;
 image metrics return one value per image (`[B]`, or a float for a single `[H, W]` image).
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
-from scipy import stats
+
+from smsd_jax.errors import SMSDError
 
 # Wang, Bovik, Sheikh, Simoncelli (2004): 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03.
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
@@ -22,15 +23,15 @@ def _as_batch(x: np.ndarray, name: str) -> tuple[np.ndarray, bool]:
     if x.ndim == 2:
         return x[None], True
     if x.ndim != 3:
-        raise ValueError(f"{name} has shape {x.shape}; expected grayscale images [H, W], "
-                         "[B, H, W] or [B, H, W, 1]")
+        raise SMSDError(f"{name} has shape {x.shape}; expected grayscale images [H, W], "
+                        "[B, H, W] or [B, H, W, 1]")
     return x, False
 
 
 def _pair(x, y) -> tuple[np.ndarray, np.ndarray, bool]:
     (x, single), (y, _) = _as_batch(x, "x"), _as_batch(y, "y")
     if x.shape != y.shape:
-        raise ValueError(f"x {x.shape} and y {y.shape} must have the same shape")
+        raise SMSDError(f"x {x.shape} and y {y.shape} must have the same shape")
     return x, y, single
 
 
@@ -70,8 +71,8 @@ def ssim(x, y, data_range: float = 1.0):
     """
     x, y, single = _pair(x, y)
     if min(x.shape[1:]) < SSIM_WINDOW:
-        raise ValueError(f"images of {x.shape[1:]} pixels are smaller than the {SSIM_WINDOW}x"
-                         f"{SSIM_WINDOW} SSIM window; use images at least that large")
+        raise SMSDError(f"images of {x.shape[1:]} pixels are smaller than the {SSIM_WINDOW}x"
+                        f"{SSIM_WINDOW} SSIM window; use images at least that large")
     g = _gaussian_window(SSIM_WINDOW, SSIM_SIGMA)
     mx, my = _filter_valid(x, g), _filter_valid(y, g)
     sxx = _filter_valid(x * x, g) - mx * mx
@@ -87,8 +88,8 @@ def position_accuracy(pred, true) -> float:
     """Fraction of tokens whose predicted grid position equals the true one (any equal shapes)."""
     pred, true = np.asarray(pred), np.asarray(true)
     if pred.shape != true.shape:
-        raise ValueError(f"predicted positions {pred.shape} and true positions {true.shape} "
-                         "must have the same shape")
+        raise SMSDError(f"predicted positions {pred.shape} and true positions {true.shape} "
+                        "must have the same shape")
     return float(np.mean(pred == true))
 
 
@@ -104,24 +105,8 @@ def cluster_purity(assignments, true_positions) -> float:
     """
     a, t = np.asarray(assignments).ravel(), np.asarray(true_positions).ravel()
     if a.shape != t.shape or a.size == 0:
-        raise ValueError(f"assignments ({np.shape(assignments)}) and true positions "
-                         f"({np.shape(true_positions)}) must be non-empty and of the same shape")
+        raise SMSDError(f"assignments ({np.shape(assignments)}) and true positions "
+                        f"({np.shape(true_positions)}) must be non-empty and of the same shape")
     table = np.zeros((a.max() + 1, t.max() + 1), np.int64)
     np.add.at(table, (a, t), 1)
     return float(table.max(axis=1).sum() / a.size)
-
-
-def roc_auc(scores, labels) -> float:
-    """Area under the ROC curve: P(score of a positive > score of a negative), ties count 1/2.
-
-    Args:
-      scores: `[n]` higher means "more likely positive".
-      labels: `[n]` booleans (or 0/1), with both classes present.
-    """
-    scores, labels = np.asarray(scores, np.float64).ravel(), np.asarray(labels).ravel() > 0
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if scores.shape != labels.shape or n_pos == 0 or n_neg == 0:
-        raise ValueError(f"roc_auc needs scores and labels of the same shape with both classes; "
-                         f"got {scores.shape} scores, {n_pos} positives, {n_neg} negatives")
-    ranks = stats.rankdata(scores)  # average ranks: ties count one half
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

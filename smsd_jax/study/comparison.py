@@ -17,7 +17,7 @@ measured and reported, not matched. Ablations change one SMSD setting each (`con
 
 Each run writes `run.json` in its own folder when it is complete; running the command again
 skips complete runs, so an interrupted study resumes. Results: `WORKDIR/results/study.json`,
-`study.md` and PNG figures (`study_report`).
+`study.md` and PNG figures (`study.summary`).
 """
 
 from __future__ import annotations
@@ -31,8 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smsd_jax import accounting, baselines, checkpoint, consortium, data, distill, downstream
-from smsd_jax import export, models, server, site, study_report
+from smsd_jax import accounting, baselines, consortium, data, distill, downstream, export, files
+from smsd_jax import models, server, site
+from smsd_jax.errors import SMSDError
+from smsd_jax.layout import Layout
+from smsd_jax.study import summary as summary_tables
 
 METHODS = ("smsd", "fedavg_dino", "centralized_dino", "finetune_only")
 POOLED = ("centralized_dino", "finetune_only")  # do not depend on how the sites split the data
@@ -61,8 +64,8 @@ def ablation_config(config, ablation: str):
         elif ablation == "public_head":
             c.consortium_seed = 0  # published: anyone can rebuild the head
         else:
-            raise ValueError(f"config.study.ablations has {ablation!r}; use keep=<fraction>, "
-                             "samples=<M>, no_permutation or public_head")
+            raise SMSDError(f"config.study.ablations has {ablation!r}; use keep=<fraction>, "
+                            "samples=<M>, no_permutation or public_head")
     return c
 
 
@@ -73,18 +76,11 @@ def seeded(config, seed: int, partition: str):
         c.seed = seed
         c.data.partition = partition
         if c.consortium_seed < 0:
-            raise ValueError("config.consortium_seed must be >= 0 in a study (a reproducible "
-                             "head per seed); it is offset by the seed")
+            raise SMSDError("config.consortium_seed must be >= 0 in a study (a reproducible "
+                            "head per seed); it is offset by the seed")
         c.consortium_seed += seed
         c.site.secret_seed = max(c.site.secret_seed, 0) + 100 * seed
     return c
-
-
-def site_parts(config, train) -> list[np.ndarray]:
-    """The sites' image indices under `config.data` (subset, partition, seed)."""
-    n = min(len(train), config.data.subset) if config.data.subset > 0 else len(train)
-    return data.partition(train.labels[:n], config.data.partition, config.data.num_sites,
-                          config.seed, alpha=config.data.alpha)
 
 
 # ---------------------------------------------------------------- SMSD cost
@@ -118,16 +114,16 @@ def _site_flops_per_image(config, head: models.ViTHead, head_params) -> float:
 
 def _run_smsd(config, run_dir: Path, train, parts) -> tuple:
     """The single round into `run_dir`: (head, head params, body, body params, cost)."""
-    head_dir = run_dir / "consortium" / "head"
+    layout = Layout(run_dir)
+    head_dir = layout.head
     if not head_dir.exists():
         consortium.init_head(config, head_dir, secret_seed=config.consortium_seed)
     start = time.perf_counter()
-    payload_dirs, manifests = [], []
-    for k, idx in enumerate(parts):
-        payload_dirs.append(run_dir / "payloads" / f"site_{k}")
-        manifests.append(site.run_site(config, k, train, idx, head_dir, payload_dirs[-1],
-                                       secret_seed=config.site.secret_seed + k))
-    final = server.run_server(config, payload_dirs, run_dir / "server")
+    payload_dirs = [layout.payload(k) for k in range(len(parts))]
+    manifests = [site.run_site(config, k, train, idx, head_dir, payload_dirs[k],
+                               secret_seed=config.site.secret_seed + k)
+                 for k, idx in enumerate(parts)]
+    final = server.run_server(config, payload_dirs, layout)
     wall = time.perf_counter() - start
     head, head_params, _ = consortium.load_head(head_dir)
     body, body_params, _ = export.load_body(final["body"])
@@ -152,31 +148,29 @@ def _pretrained_cost(pre: baselines.Pretrained, rounds: int) -> dict:
                 wall_s=pre.wall_s)
 
 
+def _pretrain_baseline(config, method: str, train, parts) -> tuple:
+    """A baseline's pre-training: (head, head params, body, body params, cost)."""
+    if method == "fedavg_dino":
+        pre, rounds = baselines.pretrain_fedavg(config, train, parts, seed=config.seed), \
+            config.baselines.rounds
+    elif method == "centralized_dino":
+        pre, rounds = baselines.pretrain_centralized(config, train, np.concatenate(parts),
+                                                     seed=config.seed, site_indices=parts), 1
+    elif method == "finetune_only":
+        pre, rounds = baselines.pretrain_none(config, len(parts)), 0
+    else:
+        raise SMSDError(f"config.study.methods has {method!r}; use any of {METHODS}")
+    return pre.head, pre.head_params, pre.body, pre.body_params, _pretrained_cost(pre, rounds)
+
+
 def run_method(config, method: str, run_dir: Path, train, test) -> dict:
     """Pre-trains with `method`, evaluates downstream; returns the run's record."""
-    parts = site_parts(config, train)
+    parts = data.split_sites(train.labels, config.data, config.seed)
     if method == "smsd":
         head, head_params, body, body_params, cost = _run_smsd(config, run_dir, train, parts)
-    elif method in ("fedavg_dino", "centralized_dino"):
-        if method == "fedavg_dino":
-            pre = baselines.pretrain_fedavg(config, train, parts, seed=config.seed)
-            rounds = config.baselines.rounds
-        else:
-            pre = baselines.pretrain_centralized(config, train, np.concatenate(parts),
-                                                 seed=config.seed, site_indices=parts)
-            rounds = 1
-        head, head_params, body, body_params = (pre.head, pre.head_params, pre.body,
-                                                pre.body_params)
-        cost = _pretrained_cost(pre, rounds)
-    elif method == "finetune_only":
-        head, head_params = models.head_from_config(config), None
-        body, body_params = models.body_from_config(config), None
-        cost = dict(upload_bytes_per_site=[0] * len(parts),
-                    download_bytes_per_site=[0] * len(parts),
-                    client_flops_per_site=[0.0] * len(parts), server_flops=0.0, images_seen=0,
-                    rounds=0, wall_s=0.0)
     else:
-        raise ValueError(f"config.study.methods has {method!r}; use any of {METHODS}")
+        head, head_params, body, body_params, cost = _pretrain_baseline(config, method, train,
+                                                                        parts)
     # Downstream always runs in float32, whatever the pre-training computed in.
     body = body.clone(dtype=jnp.float32)
     start = time.perf_counter()
@@ -229,10 +223,10 @@ def _execute(config, run: dict, run_dir: Path, train, test) -> dict:
     return record
 
 
-def run_study(config, workdir: str | Path) -> dict:
+def run_study(config, workdir: Layout | str | Path) -> dict:
     """Runs (or resumes) every run of `plan(config)`; writes the results and figures."""
-    root = Path(workdir).absolute()
-    study_dir = root / "study"
+    layout = workdir if isinstance(workdir, Layout) else Layout(workdir)
+    study_dir = layout.study
     train, test = data.load_source(config.data, "train"), data.load_source(config.data, "test")
     runs = plan(config)
     records, start, spent = [], time.perf_counter(), []
@@ -240,24 +234,24 @@ def run_study(config, workdir: str | Path) -> dict:
         run_dir = study_dir / run["dir"]
         done = run_dir / RUN_FILE
         if done.exists():
-            record = checkpoint.read_json(done)
+            record = files.read_json(done)
             print(f"study [{i + 1}/{len(runs)}] {run['dir']}: done before, kept")
         else:
             t = time.perf_counter()
             print(f"study [{i + 1}/{len(runs)}] {run['dir']} ...", flush=True)
             record = dict(_execute(config, run, run_dir, train, test), ablation=run["ablation"])
             record["seconds"] = time.perf_counter() - t
-            checkpoint.write_json(done, record)
+            files.write_json(done, record)
             spent.append(record["seconds"])
             left = len(runs) - i - 1
             print(f"study [{i + 1}/{len(runs)}] {run['dir']}: {record['seconds']:.0f} s; "
                   f"elapsed {(time.perf_counter() - start) / 60:.1f} min, ETA "
                   f"{left * np.mean(spent) / 60:.1f} min", flush=True)
         records.append(record)
-    summary = study_report.summarize(config, records)
+    summary = summary_tables.summarize(config, records)
     # The runs' own times: a resumed study counts each run once, where it ran.
     summary["wall_s"] = float(sum(r.get("seconds", 0.0) for r in records))
-    paths = study_report.write(summary, root / "results")
+    paths = summary_tables.write(summary, layout.results)
     for path in paths:
         print(f"study: {path}")
     return summary

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from smsd_jax import checkpoint
+from smsd_jax import evaluation, files
 
-PROBES = (("finetune", "fine-tune"), ("linear", "linear"), ("knn", "k-NN"))
+# The probes in the order of the study's tables (fine-tuning first), with their titles.
+PROBES = tuple((probe, evaluation.PROBES[probe]) for probe in ("finetune", "linear", "knn"))
 NAMES = {"smsd": "SMSD (single round)", "fedavg_dino": "FedAvg-DINO",
          "centralized_dino": "centralized DINO", "finetune_only": "fine-tune only",
          "raw_pixels": "raw pixels"}
@@ -285,13 +286,10 @@ def bytes_figure(summary: dict, probe: str = "linear") -> Figure:
 def write(summary: dict, out_dir: str | os.PathLike) -> list[Path]:
     """Writes study.json, study.md and the two PNGs into `out_dir` (each atomically)."""
     out_dir = Path(out_dir)
-    checkpoint.write_json(out_dir / JSON, summary)
-    checkpoint.write_text(out_dir / MARKDOWN, markdown(summary))
+    files.write_json(out_dir / JSON, summary)
+    files.write_text(out_dir / MARKDOWN, markdown(summary))
     paths = [out_dir / JSON, out_dir / MARKDOWN]
     for name, fig in ((FRACTIONS_PNG, fractions_figure(summary["table"])),
                       (BYTES_PNG, bytes_figure(summary))):
-        tmp = out_dir / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, out_dir / name)
-        paths.append(out_dir / name)
+        paths.append(files.save_figure(out_dir / name, fig))
     return paths
