@@ -181,8 +181,9 @@ class PeerStep:
         self.student = build_net(config).to(device)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         named = list(self.student.named_parameters())
-        decay = [p for n, p in named if p.ndim >= 2 and "cls_token" not in n]
-        no_decay = [p for n, p in named if not (p.ndim >= 2 and "cls_token" not in n)]
+        # DINO's rule, as the JAX step: decay all but biases and 1-D parameters.
+        decay = [p for n, p in named if p.ndim >= 2 and not n.endswith(".bias")]
+        no_decay = [p for n, p in named if not (p.ndim >= 2 and not n.endswith(".bias"))]
         self.opt = torch.optim.AdamW(
             [dict(params=decay, weight_decay=cfg.weight_decay),
              dict(params=no_decay, weight_decay=0.0)],
@@ -227,10 +228,16 @@ class PeerStep:
         loss, teacher, self.entropy = self.forward(self.samples, self.center, self.teacher_temp)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if self.step < cfg.freeze_last_layer_steps:
+        if self.table["last_layer_frozen"][i]:  # AdamW then skips it, as DINO's freeze
             self.student.head.last_layer_v.grad = None
-        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.student_params, cfg.clip_grad,
-                                                        foreach=True)
+        # DINO's clipping, as the JAX step: each tensor to its own norm. (The peer has no
+        # drop path, which the JAX student has: a difference in what the two steps compute.)
+        norms = [p.grad.norm() for p in self.student_params if p.grad is not None]
+        self.grad_norm = torch.linalg.vector_norm(torch.stack(norms))
+        if cfg.clip_grad > 0:
+            for p in self.student_params:
+                if p.grad is not None:
+                    p.grad.mul_(torch.clamp(cfg.clip_grad / (p.grad.norm() + 1e-6), max=1.0))
         self.opt.step()
         with torch.no_grad():
             momentum = self.table["teacher_momentum"][i]

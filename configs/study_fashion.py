@@ -6,8 +6,9 @@ centralized DINO, with ablations (`smsd_jax/study/comparison.py` says what each 
 CPU budget (2 cores, under 90 minutes: 68 min measured on 2026-11-26, part of it beside
 other jobs; results/study.md): the first 4,000 train images over 4 sites (IID, and Dirichlet
 alpha 0.5), tested on the first 4,000 test images. ViT `small4` (width 128, depth 4, 4 heads,
-patch 4: 49 tokens), the quickstart's DINO settings; 2 epochs of the pooled images at batch 64 (124 steps) for SMSD's server and
-centralized DINO, 2 rounds x 1 local epoch for FedAvg-DINO. Downstream: linear probe and
+patch 4: 49 tokens), the quickstart's DINO settings; 2 epochs of the pooled images at batch 64
+(124 steps) for SMSD's server and centralized DINO, 2 rounds x 1 local epoch for
+FedAvg-DINO. Downstream: linear probe and
 k-NN at 1%, 10%, 100% of the 4,000 labels; fine-tuning at the same fractions for at most 50
 steps of 64 images. SMSD and the baselines: 3 seeds; ablations: 1 seed, Dirichlet sites,
 linear probe and k-NN only.
@@ -38,7 +39,7 @@ def _gpu(c):
     c.site.update(num_samples=4, batch_size=2000, shard_size=16000)
     c.server.update(batch_size=512, epochs=100.0, warmup_epochs=10.0,
                     teacher_momentum=0.996, teacher_temp=0.04, teacher_temp_final=0.07,
-                    teacher_temp_warmup_epochs=30.0, lr=2e-3, log_every=100,
+                    teacher_temp_warmup_epochs=30.0, lr=1e-3, log_every=100,
                     checkpoint_every=2000)
     c.baselines.update(rounds=10, local_epochs=10.0)
     c.study.ablation_finetune = True
@@ -81,7 +82,8 @@ def get_config(arg: str | None = None):
     c.site.update(keep=0.5, num_samples=2, batch_size=500, shard_size=4000)
     # The quickstart's short-run DINO settings (configs/quickstart.py says why).
     c.server.update(batch_size=64, epochs=2.0, out_dim=1024, hidden_dim=512,
-                    bottleneck_dim=256, num_local=2, lr=1e-3, warmup_epochs=0.2,
+                    bottleneck_dim=256, num_local=2, lr=4e-3, warmup_epochs=0.2,
+                    freeze_last_layer_epochs=0.2,
                     teacher_momentum=0.99, teacher_temp=0.04, teacher_temp_final=0.04,
                     checkpoint_every=1000, log_every=20)
     c.baselines.update(rounds=2, local_epochs=1.0, num_local=2, local_size=16)

@@ -35,6 +35,8 @@ MODES = {
     "report": "PNGs of the server's training curves and the downstream accuracies",
     "privacy": "attacks of an honest-but-curious server on payloads (config.privacy)",
     "study": "SMSD against fine-tune only, FedAvg-DINO and centralized DINO (config.study)",
+    "curve": "the learning curve: probes of each method at increasing pre-training budgets "
+             "(config.curve)",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py"
@@ -101,6 +103,8 @@ def run(argv) -> None:
         privacy.run_privacy(config, layout)
     elif mode == "study":
         study.run_study(config, layout)
+    elif mode == "curve":
+        study.run_curve(config, layout)
 
 
 def _expected(error: BaseException | None):

@@ -27,6 +27,8 @@ from smsd_jax.layout import Layout
 
 # Images per batch when reading raw pixels (no model runs on them, so only memory matters).
 _PIXEL_BATCH = 1024
+# Mixed into the seed of `validation_split`, so that its draw is not `label_subset`'s.
+_VALIDATION_STREAM = 0x7A11D
 
 
 # ---------------------------------------------------------------- pure math
@@ -54,6 +56,61 @@ def label_subset(labels, fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(chosen))
 
 
+def validation_split(labels, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A stratified split of the positions `0..N-1` of `labels [N]` into `(train, val)`.
+
+    Each class with at least 2 members puts `round(fraction * count)` of them, at least 1 and
+    at most `count - 1`, into validation; a class with one member stays in train. The two are
+    disjoint, together all of `0..N-1`, each sorted int64, and depend only on `seed` (a
+    stream apart from `label_subset`'s). `fraction == 0`: everything trains, val is empty.
+
+    Raises:
+      ValueError: `fraction` outside [0, 1), or labels not a non-empty integer array.
+    """
+    if not 0 <= fraction < 1:
+        raise SMSDError(f"validation fraction must be in [0, 1), got {fraction}")
+    labels = data.checks.integer_array(labels, "labels")
+    rng = np.random.default_rng([seed, _VALIDATION_STREAM])
+    val = [np.zeros(0, np.int64)]
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        if fraction > 0 and members.size >= 2:
+            val.append(members[:min(members.size - 1, max(1, round(fraction * members.size)))])
+    val = np.sort(np.concatenate(val)).astype(np.int64)
+    return np.setdiff1d(np.arange(labels.size, dtype=np.int64), val), val
+
+
+def best_epoch(run_epoch, validate, *, epochs: int, patience: int = 0):
+    """Early stopping: the parameters of the epoch with the best validation accuracy.
+
+    Calls `run_epoch(epoch)` for epoch = 1, 2, ... (it trains one epoch and returns the
+    parameters after it) and `validate(params) -> (accuracy, loss)` after each. The best
+    epoch has the highest accuracy, ties going to the lower loss, then to the earlier epoch.
+    `patience > 0` stops once that many epochs in a row have not been the best; 0 runs all
+    `epochs`. `validate` None: no selection, the last epoch's parameters.
+
+    Returns:
+      `(params, info)`: info is `{"best_epoch", "epochs_run", "val_accuracy": [per epoch],
+      "val_loss": [per epoch]}` (1-based epochs; empty curves without `validate`).
+    """
+    best = best_params = None
+    info = {"best_epoch": 0, "epochs_run": 0, "val_accuracy": [], "val_loss": []}
+    for epoch in range(1, epochs + 1):
+        params = run_epoch(epoch)
+        info["epochs_run"] = epoch
+        if validate is None:
+            best_params, info["best_epoch"] = params, epoch
+            continue
+        accuracy, loss = (float(v) for v in validate(params))
+        info["val_accuracy"].append(accuracy)
+        info["val_loss"].append(loss)
+        if best is None or (accuracy, -loss) > best:
+            best, best_params, info["best_epoch"] = (accuracy, -loss), params, epoch
+        elif patience > 0 and epoch - info["best_epoch"] >= patience:
+            break
+    return best_params, info
+
+
 def _l2_normalise(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
@@ -74,6 +131,15 @@ def _knn_scores(train_feats, train_labels, test_feats, temp, *, num_classes, k, 
 
     scores = jax.lax.map(one_chunk, chunks.reshape(-1, chunk_size, dim))
     return scores.reshape(-1, num_classes)[:n]
+
+
+def knn_neighbours(k: int, num_labelled: int) -> int:
+    """The k that k-NN uses on `num_labelled` labelled images: `max(1, min(k, n // 10))`.
+
+    At most a tenth of the labelled set, so that with a few labels per class the vote is not
+    dominated by other classes (k=20 of 40 labelled images would reach half of them).
+    """
+    return max(1, min(int(k), int(num_labelled) // 10))
 
 
 def knn_classify(train_feats, train_labels, test_feats, *, num_classes: int, k: int = 20,
@@ -217,19 +283,49 @@ def _finetune_step(model, lr: float, weight_decay: float, total_steps: int, mean
     return tx, jax.jit(functools.partial(_train_step, model, tx, mean, std))
 
 
-def finetune(model: models.ViTClassifier, params, source, train_idx, test_source, test_idx, *,
-             epochs: int, lr: float, batch_size: int, seed: int, mean: float, std: float,
-             augment=None, weight_decay: float = 0.05,
-             eval_batch_size: int | None = None, max_steps: int = 0) -> dict:
-    """Fine-tunes every parameter (head, body, tail) on `source[train_idx]`, then tests.
+class _Validator:
+    """`validate(params) -> (accuracy, mean cross-entropy)` on `source[indices]`.
 
-    AdamW with a linear warm-up over the first 10% of steps and a cosine decay to 0, softmax
-    cross-entropy, shuffled batches (`augment` as in `data.Augment`). A labelled set smaller
-    than `batch_size` is trained in batches of its own size. `max_steps > 0` stops after that
-    many steps (a budget that does not grow with the labelled set).
+    The images are read once and kept on the device; each call is one jitted forward per
+    chunk of at most `batch_size` (the set is padded to whole chunks: one shape compiles).
+    """
+
+    def __init__(self, model, source, indices, *, batch_size: int, mean: float, std: float):
+        n = len(indices)
+        self.chunk = max(1, min(batch_size, n))
+        images = raw_pixel_features(source, indices).reshape(n, *source.image_shape)
+        images = np.pad(images, ((0, -n % self.chunk),) + ((0, 0),) * 3)
+        self.images = jnp.asarray(images).reshape(-1, self.chunk, *source.image_shape)
+        self.labels = np.asarray(source.labels[np.asarray(indices)])
+        self.model, self.mean, self.std = model, mean, std
+
+    def __call__(self, params) -> tuple[float, float]:
+        logits = np.concatenate([np.asarray(_forward(self.model, params, chunk, method=None,
+                                                     mean=self.mean, std=self.std))
+                                 for chunk in self.images])[:len(self.labels)]
+        log_probs = np.asarray(jax.nn.log_softmax(logits, axis=-1), np.float64)
+        loss = -log_probs[np.arange(len(self.labels)), self.labels].mean()
+        return float(np.mean(logits.argmax(-1) == self.labels)), float(loss)
+
+
+def fit(model: models.ViTClassifier, params, source, train_idx, *, epochs: int, lr: float,
+        batch_size: int, seed: int, mean: float, std: float, augment=None,
+        weight_decay: float = 0.05, val_idx=None, patience: int = 0,
+        eval_batch_size: int | None = None, max_steps: int = 0):
+    """Fine-tunes every parameter (head, body, tail) on `source[train_idx]`, up to `epochs`
+    epochs, keeping the parameters of the best epoch on `source[val_idx]` (`best_epoch`).
+
+    AdamW with a linear warm-up over the first 10% of the steps of all `epochs` and a cosine
+    decay to 0 over them (an early stop does not shorten the schedule), softmax
+    cross-entropy, shuffled batches (`augment` as in `data.Augment`). An epoch is
+    `len(train_idx) // batch_size` steps; a labelled set smaller than `batch_size` is trained
+    in batches of its own size. `max_steps > 0` caps the steps of the whole run (a budget
+    that does not grow with the labelled set). `val_idx` None or empty: no validation, the
+    last epoch's parameters.
 
     Returns:
-      `{"accuracy", "auc"}` on `test_source[test_idx]`.
+      `(params, info)`: info as `best_epoch` returns it, plus "steps" (taken),
+      "steps_per_epoch", "train_images", "val_images".
 
     Raises:
       FloatingPointError: the loss became NaN or infinite (names the first such step).
@@ -237,24 +333,61 @@ def finetune(model: models.ViTClassifier, params, source, train_idx, test_source
     if epochs < 1:
         raise SMSDError(f"fine-tuning needs epochs >= 1, got {epochs}")
     batch_size = min(batch_size, len(train_idx))
+    steps_per_epoch = len(train_idx) // batch_size
+    total_steps = epochs * steps_per_epoch
+    if max_steps > 0:
+        total_steps = min(total_steps, max_steps)
+        epochs = -(-total_steps // steps_per_epoch)  # the last epoch may be partial
     dataset = data.labelled_dataset(source, train_idx, batch_size=batch_size, seed=seed,
                                     augment=augment, shuffle=True, num_epochs=epochs,
-                                    drop_remainder=True)
-    if max_steps > 0:
-        dataset = dataset[:max_steps]
-    total_steps = len(dataset)
+                                    drop_remainder=True)[:total_steps]
     tx, step = _finetune_step(model, lr, weight_decay, total_steps, mean, std)
-    opt_state, losses = tx.init(params), []
-    for batch in dataset.to_iter_dataset():
-        params, opt_state, loss = step(params, opt_state, batch["image"], batch["label"])
-        losses.append(loss)
-    # Checked once at the end: a check per step would stall the asynchronous dispatch.
-    bad = np.flatnonzero(~np.isfinite(np.asarray(jax.device_get(losses))))
-    if bad.size:
-        raise NotFiniteError(f"fine-tuning loss is not finite from step {bad[0]} of "
-                             f"{total_steps}; lower the learning rate (lr={lr})")
-    return evaluate_model(model, params, test_source, test_idx,
-                          batch_size=eval_batch_size or batch_size, mean=mean, std=std)
+    batches = iter(dataset.to_iter_dataset())
+    state = {"params": params, "opt_state": tx.init(params), "step": 0}
+
+    def run_epoch(epoch: int):
+        losses = []
+        for _ in range(min(steps_per_epoch, total_steps - state["step"])):
+            batch = next(batches)
+            state["params"], state["opt_state"], loss = step(
+                state["params"], state["opt_state"], batch["image"], batch["label"])
+            losses.append(loss)
+        # Checked once an epoch: a check per step would stall the asynchronous dispatch.
+        bad = np.flatnonzero(~np.isfinite(np.asarray(jax.device_get(losses))))
+        if bad.size:
+            raise NotFiniteError(f"fine-tuning loss is not finite at step "
+                                 f"{state['step'] + bad[0]} of {total_steps} (epoch {epoch}); "
+                                 f"lower the learning rate (lr={lr})")
+        state["step"] += len(losses)
+        return state["params"]
+
+    has_val = val_idx is not None and len(val_idx) > 0
+    validate = _Validator(model, source, val_idx, batch_size=eval_batch_size or batch_size,
+                          mean=mean, std=std) if has_val else None
+    params, info = best_epoch(run_epoch, validate, epochs=epochs, patience=patience)
+    return params, dict(info, steps=state["step"], steps_per_epoch=steps_per_epoch,
+                        train_images=len(train_idx),
+                        val_images=len(val_idx) if has_val else 0)
+
+
+def finetune(model: models.ViTClassifier, params, source, train_idx, test_source, test_idx, *,
+             epochs: int, lr: float, batch_size: int, seed: int, mean: float, std: float,
+             augment=None, weight_decay: float = 0.05, val_idx=None, patience: int = 0,
+             eval_batch_size: int | None = None, max_steps: int = 0) -> dict:
+    """`fit`, then tests the parameters it keeps.
+
+    Returns:
+      `{"accuracy", "auc"}` on `test_source[test_idx]`, and `fit`'s info ("best_epoch",
+      "epochs_run", "val_accuracy", ...): JSON-able.
+    """
+    params, info = fit(model, params, source, train_idx, epochs=epochs, lr=lr,
+                       batch_size=batch_size, seed=seed, mean=mean, std=std, augment=augment,
+                       weight_decay=weight_decay, val_idx=val_idx, patience=patience,
+                       eval_batch_size=eval_batch_size, max_steps=max_steps)
+    metrics = evaluate_model(model, params, test_source, test_idx,
+                             batch_size=eval_batch_size or min(batch_size, len(train_idx)),
+                             mean=mean, std=std)
+    return {**metrics, **info}
 
 
 def labelled_candidates(config, train_source) -> np.ndarray:
@@ -296,7 +429,8 @@ def _probe_features(config, name: str, train_feats, train_idx, subsets: dict, tr
                                             steps=cfg.linear_steps, lr=cfg.linear_lr,
                                             seed=config.seed),
         "knn": lambda x, y: knn_classify(x, y, test_feats, num_classes=num_classes,
-                                         k=cfg.knn_k, temp=cfg.knn_temp),
+                                         k=knn_neighbours(cfg.knn_k, len(y)),
+                                         temp=cfg.knn_temp),
     }
     results = {what: {} for what in probes}
     results["labelled"] = {}
@@ -307,6 +441,8 @@ def _probe_features(config, name: str, train_feats, train_idx, subsets: dict, tr
             start = time.perf_counter()
             metrics = evaluation.evaluate_scores(probe(train_feats[rows], train_labels[rows]),
                                                  test_labels)
+            if what == "knn":
+                metrics["k"] = knn_neighbours(cfg.knn_k, len(idx))
             results[what][_key(fraction)] = metrics
             _report(name, what, fraction, len(idx), metrics, start)
     return results
@@ -314,8 +450,14 @@ def _probe_features(config, name: str, train_feats, train_idx, subsets: dict, tr
 
 def _report(name: str, what: str, fraction: float, count: int, metrics: dict,
             start: float) -> None:
+    detail = ""
+    if "k" in metrics:
+        detail = f" (k={metrics['k']})"
+    if metrics.get("val_accuracy"):
+        detail = (f" (epoch {metrics['best_epoch']} of {metrics['epochs_run']}, validation "
+                  f"{100 * max(metrics['val_accuracy']):.1f}% on {metrics['val_images']})")
     print(f"[{name}] {what:8s} {100 * fraction:g}% of labels ({count} images): accuracy "
-          f"{100 * metrics['accuracy']:.1f}%, AUC {metrics['auc']:.3f}, "
+          f"{100 * metrics['accuracy']:.1f}%, AUC {metrics['auc']:.3f}{detail}, "
           f"{time.perf_counter() - start:.1f} s", flush=True)
 
 
@@ -359,7 +501,14 @@ def evaluate_pretrained(config, head: models.ViTHead, head_params, body: models.
     `head_params` / `body_params` None: randomly initialised from `config.seed` (the
     fine-tune-only baseline). Returns `{"name", "linear": {fraction: {"accuracy", "auc"}},
     "knn": {...}, "finetune": {...}, "labelled": {fraction: count}}`, fractions as strings such
-    as "0.01" (JSON-able).
+    as "0.01" (JSON-able); a "knn" entry adds the "k" it used (`knn_neighbours`).
+
+    Fine-tuning, the same for every body (random included): `validation_split` carves
+    `config.downstream.finetune_val_fraction` of each class out of the labelled subset, the
+    rest trains for up to `finetune_epochs` epochs (early stop after `finetune_patience`
+    epochs without a better validation accuracy), and the test set scores the parameters of
+    the best validation epoch; a "finetune" entry adds `fit`'s info ("best_epoch",
+    "val_accuracy" per epoch, ...).
     """
     cfg, mean, std = config.downstream, config.data.mean, config.data.std
     model = models.ViTClassifier(head, body, num_classes=train_source.num_classes)
@@ -386,16 +535,20 @@ def evaluate_pretrained(config, head: models.ViTHead, head_params, body: models.
 
     results["finetune"] = {}
     for fraction in cfg.finetune_fractions:
-        train_idx = candidates[label_subset(train_source.labels[candidates], fraction,
-                                            config.seed)]
+        labelled = candidates[label_subset(train_source.labels[candidates], fraction,
+                                           config.seed)]
+        train_pos, val_pos = validation_split(train_source.labels[labelled],
+                                              cfg.finetune_val_fraction, config.seed)
         start = time.perf_counter()
-        metrics = finetune(model, params, train_source, train_idx, test_source, test_idx,
-                           epochs=cfg.finetune_epochs, lr=cfg.finetune_lr,
+        metrics = finetune(model, params, train_source, labelled[train_pos], test_source,
+                           test_idx, epochs=cfg.finetune_epochs, lr=cfg.finetune_lr,
                            batch_size=cfg.batch_size, seed=config.seed, mean=mean, std=std,
-                           augment=cfg.get("augment"), eval_batch_size=cfg.eval_batch_size,
+                           augment=cfg.get("augment"), val_idx=labelled[val_pos],
+                           patience=cfg.finetune_patience,
+                           eval_batch_size=cfg.eval_batch_size,
                            max_steps=cfg.finetune_max_steps)
         results["finetune"][_key(fraction)] = metrics
-        _report(name, "finetune", fraction, len(train_idx), metrics, start)
+        _report(name, "finetune", fraction, len(labelled), metrics, start)
     return results
 
 

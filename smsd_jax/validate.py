@@ -60,11 +60,27 @@ def check_config(config) -> None:
     _require(0 <= v.center_momentum <= 1, "server.center_momentum", v.center_momentum,
              "must be in [0, 1]")
     _require(v.out_dim >= 2, "server.out_dim", v.out_dim, "must be at least 2")
+    _require(v.clip_grad >= 0, "server.clip_grad", v.clip_grad,
+             "must be 0 (no clipping) or a positive per-tensor norm")
+    _require(v.freeze_last_layer_epochs >= 0, "server.freeze_last_layer_epochs",
+             v.freeze_last_layer_epochs, "must be 0 (never frozen) or more epochs")
+    _require(0 <= v.drop_path < 1, "server.drop_path", v.drop_path,
+             "the stochastic depth rate must be in [0, 1)")
     check_baselines(config)
     for f in config.downstream.label_fractions:
         _fraction("downstream.label_fractions", f)
     for fraction in config.downstream.finetune_fractions:
         _fraction("downstream.finetune_fractions", fraction)
+    w = config.downstream
+    _require(w.knn_k >= 1, "downstream.knn_k", w.knn_k, "must be at least 1")
+    _require(w.finetune_epochs >= 1, "downstream.finetune_epochs", w.finetune_epochs,
+             "must be at least 1")
+    _require(0 <= w.finetune_val_fraction < 1, "downstream.finetune_val_fraction",
+             w.finetune_val_fraction, "must be in [0, 1) (0: no validation, the last epoch)")
+    _require(w.finetune_patience >= 0, "downstream.finetune_patience", w.finetune_patience,
+             "must be 0 (no early stop) or a number of epochs")
+    _require(w.finetune_max_steps >= 0, "downstream.finetune_max_steps", w.finetune_max_steps,
+             "must be 0 (no cap) or a number of steps")
 
 
 def check_baselines(config) -> None:

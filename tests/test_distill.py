@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import base
@@ -125,7 +126,7 @@ def test_teacher_moves_by_exactly_the_ema():
 
 def test_last_layer_frozen_while_asked():
     config = _config()
-    config.server.freeze_last_layer_steps = 2
+    config.server.freeze_last_layer_epochs = 0.5  # 2 of the 4 steps (steps_per_epoch=4)
     state, step = _setup(config, steps=4)
     samples = _real_samples(config)
     v0 = np.asarray(state.student["dino_head"]["last_layer_v"])
@@ -135,3 +136,276 @@ def test_last_layer_frozen_while_asked():
         if i < 2:
             np.testing.assert_array_equal(v, v0)
     assert not np.array_equal(v, v0)
+
+
+# ---------------------------------------------------------------- DINO's training recipe
+
+
+def _dino_params(config, norm_last_layer=False):
+    """A real DINONet parameter tree (tiny), with `last_layer_g` unless norm_last_layer."""
+    config.server.norm_last_layer = norm_last_layer
+    net = models.dino_net_from_config(config)
+    k = ops.num_kept(49, config.site.keep)
+    return net.init(jax.random.key(0), jnp.zeros((1, k, net.body.dim)))["params"]
+
+
+def _paths(tree):
+    return {jax.tree_util.keystr(path): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_clip_by_tensor_norm_is_dinos_per_parameter_clipping():
+    # DINO's utils.clip_gradients: coef = clip / (||g|| + 1e-6), applied where coef < 1.
+    rng = np.random.default_rng(0)
+    grads = {"big": rng.normal(size=(8, 5)).astype(np.float32) * 10,       # norm ~ 63
+             "small": rng.normal(size=(7,)).astype(np.float32) * 0.1,      # norm ~ 0.26
+             "nested": {"edge": np.full((4,), 1.5, np.float32),            # norm 3.0
+                        "mid": rng.normal(size=(3, 3)).astype(np.float32)}}  # norm ~ 3
+    clip = 3.0
+    out, _ = distill.clip_by_tensor_norm(clip).update(jax.tree.map(jnp.asarray, grads),
+                                                      optax.EmptyState())
+
+    def reference(g):
+        g = g.astype(np.float64)
+        coef = clip / (np.sqrt(np.sum(g * g)) + 1e-6)
+        return g * coef if coef < 1 else g
+
+    want = _paths(jax.tree.map(reference, grads))
+    for name, got in _paths(out).items():
+        np.testing.assert_allclose(np.asarray(got), want[name], rtol=1e-6, err_msg=name)
+    assert np.linalg.norm(np.asarray(out["big"])) == pytest.approx(clip, rel=1e-5)
+    np.testing.assert_array_equal(np.asarray(out["small"]), grads["small"])  # below: untouched
+
+
+def test_weight_decay_mask_is_dinos_on_a_real_dino_net():
+    # DINO's get_params_groups: not biases, not 1-D parameters; the class token is decayed.
+    # last_layer_g is [out_dim] here but [out_dim, 1] in PyTorch's weight_norm: decayed.
+    params = _dino_params(_config())
+    mask = _paths(distill.weight_decay_mask(params))
+    shapes = {name: leaf.shape for name, leaf in _paths(params).items()}
+    assert mask["['body']['cls_token']"]
+    assert mask["['body']['block0']['fc1']['kernel']"]
+    assert mask["['body']['block0']['attn']['qkv']['kernel']"]
+    assert mask["['dino_head']['last_layer_v']"] and mask["['dino_head']['last_layer_g']"]
+    assert not mask["['body']['block0']['fc1']['bias']"]
+    assert not mask["['body']['norm']['scale']"] and not mask["['body']['norm']['bias']"]
+    for name, decayed in mask.items():
+        want = (not name.endswith("['bias']") and len(shapes[name]) >= 2) or "last_layer_g" in name
+        assert decayed == want, name
+    # Image DINO's network: the head's position embedding and patch kernel are decayed too.
+    config = _config()
+    net = models.image_dino_net_from_config(config)
+    image_params = net.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    image_mask = _paths(distill.weight_decay_mask(image_params))
+    assert image_mask["['head']['pos_embed']"] and image_mask["['head']['patch_embed']['kernel']"]
+    assert not image_mask["['head']['patch_embed']['bias']"]
+
+
+@pytest.mark.parametrize("batch_size", [16, 512])
+def test_learning_rate_is_scaled_linearly_from_batch_256(batch_size):
+    cfg = _config().server
+    cfg.update(batch_size=batch_size, lr=5e-4, min_lr=1e-6, warmup_epochs=2.0)
+    schedules = distill.make_schedules(cfg, total_steps=100, steps_per_epoch=10)
+    lr = np.asarray(jax.vmap(schedules.learning_rate)(jnp.arange(101)))
+    peak = 5e-4 * batch_size / 256
+    assert lr[20] == pytest.approx(peak, rel=1e-6)  # end of the 20-step warm-up
+    assert lr.max() == pytest.approx(peak, rel=1e-6)
+    assert lr[0] == 0.0
+    assert lr[100] == pytest.approx(1e-6, rel=1e-5)  # min_lr is not scaled (DINO)
+
+
+def test_last_layer_frozen_for_its_epochs():
+    cfg = _config().server
+    cfg.freeze_last_layer_epochs = 1.5
+    frozen = distill.make_schedules(cfg, total_steps=50, steps_per_epoch=10).last_layer_frozen
+    assert [bool(frozen(s)) for s in (0, 14, 15, 16)] == [True, True, False, False]
+    cfg.freeze_last_layer_epochs = 0.0
+    frozen = distill.make_schedules(cfg, total_steps=50, steps_per_epoch=10).last_layer_frozen
+    assert not bool(frozen(0))
+
+
+def _adamw_reference(params, grads_seq, lr, wd, frozen, decay, last, clip,
+                     b1=0.9, b2=0.999, eps=1e-8):
+    """DINO's step in NumPy (float64): clip_gradients, cancel_gradients_last_layer, then
+    torch.optim.AdamW, which skips a parameter without a gradient (no decay, no moments, no
+    step). Returns the parameters after each step."""
+    p = {n: np.asarray(x, np.float64) for n, x in params.items()}
+    m = {n: np.zeros_like(x) for n, x in p.items()}
+    v = {n: np.zeros_like(x) for n, x in p.items()}
+    count = {n: 0 for n in p}
+    history = []
+    for t, grads in enumerate(grads_seq):
+        for n in p:
+            g = np.asarray(grads[n], np.float64)
+            coef = clip / (np.sqrt(np.sum(g * g)) + 1e-6)
+            g = g * coef if coef < 1 else g
+            if last[n] and frozen[t]:
+                continue  # p.grad = None: AdamW skips it
+            count[n] += 1
+            if decay[n]:
+                p[n] = p[n] * (1 - lr[t] * wd[t])
+            m[n] = b1 * m[n] + (1 - b1) * g
+            v[n] = b2 * v[n] + (1 - b2) * g * g
+            denom = np.sqrt(v[n]) / np.sqrt(1 - b2 ** count[n]) + eps
+            p[n] = p[n] - lr[t] / (1 - b1 ** count[n]) * m[n] / denom
+        history.append({n: x.copy() for n, x in p.items()})
+    return history
+
+
+def _last_layer_state(opt_state):
+    """The DINO head's last layer's own Adam state (moments and count) in the optimizer's."""
+    part = next(s for s in opt_state if isinstance(s, optax.transforms.PartitionState))
+    return part.inner_states["last_layer"].inner_state  # a ScaleByAdamState
+
+
+def test_optimizer_is_dinos_adamw_with_the_last_layer_frozen():
+    # 4 steps, the first 2 frozen; gradients above and below the clip threshold.
+    config = _config()
+    cfg = config.server
+    cfg.update(freeze_last_layer_epochs=0.5, lr=0.05, min_lr=1e-3, warmup_epochs=0.0,
+               clip_grad=3.0)
+    params = _dino_params(config)
+    schedules = distill.make_schedules(cfg, total_steps=4, steps_per_epoch=4)
+    tx = distill.make_optimizer(cfg, schedules)
+    rng = np.random.default_rng(1)
+    leaves, treedef = jax.tree.flatten(params)
+    grads_seq = [jax.tree.unflatten(treedef, [
+        (rng.normal(size=x.shape) * (1.0 if i % 2 else 0.01)).astype(np.float32)
+        for i, x in enumerate(leaves)]) for _ in range(4)]
+
+    state, p, traj, last_states = tx.init(params), params, [], [None]
+    last_states[0] = _last_layer_state(state)
+    update = jax.jit(lambda g, s, p, t: tx.update(g, s, p, global_step=t))
+    for t, grads in enumerate(grads_seq):
+        updates, state = update(jax.tree.map(jnp.asarray, grads), state, p, jnp.int32(t))
+        if t == 2:  # the first step after the freeze: a fresh Adam step, by hand
+            for name in ("last_layer_v", "last_layer_g"):
+                g = np.asarray(grads["dino_head"][name], np.float64)
+                g = g * min(1.0, 3.0 / (np.linalg.norm(g) + 1e-6))
+                lr, wd = float(schedules.learning_rate(2)), float(schedules.weight_decay(2))
+                want = -lr * (g / (np.abs(g) + 1e-8) + wd * np.asarray(p["dino_head"][name]))
+                np.testing.assert_allclose(np.asarray(updates["dino_head"][name]), want,
+                                           rtol=1e-5, atol=1e-8)
+        p = optax.apply_updates(p, updates)
+        traj.append(p)
+        last_states.append(_last_layer_state(state))
+
+    # Frozen: the last layer does not move, and its Adam state (moments, count) stays put.
+    for t in (0, 1):
+        for name in ("last_layer_v", "last_layer_g"):
+            np.testing.assert_array_equal(np.asarray(traj[t]["dino_head"][name]),
+                                          np.asarray(params["dino_head"][name]))
+        for a, b in zip(jax.tree.leaves(last_states[t + 1]), jax.tree.leaves(last_states[0])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(last_states[3].count) == 1 and int(last_states[4].count) == 2
+    assert not np.array_equal(traj[2]["dino_head"]["last_layer_v"],
+                              params["dino_head"]["last_layer_v"])
+
+    # Every parameter at every step, against DINO's recipe in NumPy.
+    names = list(_paths(params))
+    flat = lambda tree: dict(zip(names, jax.tree.leaves(tree)))
+    steps = np.arange(4)
+    reference = _adamw_reference(
+        flat(params), [flat(g) for g in grads_seq],
+        lr=[float(schedules.learning_rate(t)) for t in steps],
+        wd=[float(schedules.weight_decay(t)) for t in steps],
+        frozen=[bool(schedules.last_layer_frozen(t)) for t in steps],
+        decay=flat(distill.weight_decay_mask(params)), last=flat(distill.last_layer_mask(params)),
+        clip=3.0)
+    for t in steps:
+        for name, got in flat(traj[t]).items():
+            np.testing.assert_allclose(np.asarray(got), reference[t][name], rtol=1e-5,
+                                       atol=1e-6, err_msg=f"step {t} {name}")
+    # The body trained from the first step.
+    assert not np.array_equal(traj[0]["body"]["block0"]["fc1"]["kernel"],
+                              params["body"]["block0"]["fc1"]["kernel"])
+
+
+def test_clip_grad_zero_disables_clipping():
+    cfg = _config().server
+    cfg.clip_grad = 0.0
+    schedules = distill.make_schedules(cfg, total_steps=4, steps_per_epoch=4)
+    assert len(distill.make_optimizer(cfg, schedules).init({"w": jnp.ones(3)})) == 4
+    cfg.clip_grad = 3.0
+    assert len(distill.make_optimizer(cfg, schedules).init({"w": jnp.ones(3)})) == 5
+
+
+def test_step_freezes_the_last_layers_adam_state_and_trains_the_rest():
+    config = _config()
+    config.server.freeze_last_layer_epochs = 0.5  # 2 of the 4 steps
+    state, step = _setup(config, steps=4)
+    samples, step = _real_samples(config), jax.jit(step)
+    last0 = _last_layer_state(state.opt_state)
+    kernel = lambda s: np.asarray(s.student["body"]["block0"]["fc1"]["kernel"])
+    for i in range(3):
+        before = kernel(state)
+        state, _ = step(state, samples, jax.random.key(0))
+        assert not np.array_equal(kernel(state), before)  # the body trains at every step
+        if i < 2:
+            for a, b in zip(jax.tree.leaves(_last_layer_state(state.opt_state)),
+                            jax.tree.leaves(last0)):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(_last_layer_state(state.opt_state).count) == 1
+
+
+class _RecordingNet:
+    """Wraps a network; records how the step calls it (deterministic, drop-path key)."""
+
+    def __init__(self, net):
+        self.net, self.calls = net, []
+
+    def apply(self, variables, x, deterministic=True, rngs=None):
+        key = None if rngs is None else np.asarray(jax.random.key_data(rngs["drop_path"]))
+        self.calls.append((x.shape[0], deterministic, key))
+        return self.net.apply(variables, x, deterministic=deterministic, rngs=rngs)
+
+
+def test_student_runs_with_drop_path_teacher_without():
+    config = _config()
+    net = models.dino_net_from_config(config)
+    assert net.body.drop_path == config.server.drop_path == 0.1
+    recorder = _RecordingNet(net)
+    schedules = distill.make_schedules(config.server, total_steps=4, steps_per_epoch=4)
+    tx = distill.make_optimizer(config.server, schedules)
+    k = ops.num_kept(49, config.site.keep)
+    state = distill.init_state(jax.random.key(0), net, tx, (k, net.body.dim))
+    step = distill.make_distill_step(recorder, tx, schedules, config.server)
+    samples = _real_samples(config, n=8)
+    keys = []
+    for _ in range(2):  # not jitted: the keys are concrete
+        recorder.calls = []
+        state, _ = step(state, samples, jax.random.key(3))
+        teacher, student_global, student_local = recorder.calls
+        assert teacher[1] is True and teacher[2] is None      # teacher: no drop path
+        assert student_global[1] is False and student_local[1] is False
+        assert student_global[0] == 8 * 2 and student_local[0] == 8 * config.server.num_local
+        assert not np.array_equal(student_global[2], student_local[2])
+        keys += [student_global[2], student_local[2]]
+    assert not np.array_equal(keys[0], keys[2]) and not np.array_equal(keys[1], keys[3])
+
+
+def test_drop_path_changes_the_student_not_the_teacher():
+    # Same state and key: the teacher's logits (hence the new centre and its entropy) do not
+    # depend on the rate; the student's loss does.
+    out = {}
+    for rate in (0.0, 0.5):
+        config = _config()
+        config.server.drop_path = rate
+        state, step = _setup(config, steps=4)
+        out[rate] = jax.jit(step)(state, _real_samples(config), jax.random.key(0))
+    (s0, m0), (s5, m5) = out[0.0], out[0.5]
+    np.testing.assert_allclose(np.asarray(s0.center), np.asarray(s5.center), rtol=1e-6)
+    assert float(m0["teacher_entropy"]) == pytest.approx(float(m5["teacher_entropy"]), rel=1e-6)
+    assert float(m0["loss"]) != float(m5["loss"])
+
+
+def test_server_checks_of_the_recipe_keys():
+    from smsd_jax import validate
+    from smsd_jax.errors import SMSDError
+    validate.check_config(_config())
+    for key, bad in (("drop_path", 1.0), ("drop_path", -0.1), ("freeze_last_layer_epochs", -1.0),
+                     ("clip_grad", -1.0)):
+        config = _config()
+        config.server[key] = bad
+        with pytest.raises(SMSDError, match=f"server.{key}"):
+            validate.check_config(config)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from smsd_jax import consortium, downstream, evaluation, models
+from smsd_jax import consortium, downstream, evaluation, models, validate
 from smsd_jax.data import fashion_mnist
 
 MEAN, STD = 0.286, 0.353
@@ -56,6 +56,90 @@ def test_label_subset_keeps_one_of_each_rare_class():
 def test_label_subset_refuses_bad_fractions(fraction):
     with pytest.raises(ValueError, match="fraction"):
         downstream.label_subset(np.arange(10) % 2, fraction, seed=0)
+
+
+# ---------------------------------------------------------------- validation split
+
+
+def test_validation_split_is_stratified_disjoint_and_deterministic(train):
+    labels = train.labels[downstream.label_subset(train.labels[:5000], 0.1, seed=0)]  # 500
+    tr, val = downstream.validation_split(labels, 0.1, seed=3)
+    assert tr.dtype == val.dtype == np.int64
+    assert np.all(np.diff(tr) > 0) and np.all(np.diff(val) > 0)
+    assert not set(tr) & set(val)
+    np.testing.assert_array_equal(np.sort(np.concatenate([tr, val])), np.arange(len(labels)))
+    counts = np.bincount(labels, minlength=10)
+    np.testing.assert_array_equal(np.bincount(labels[val], minlength=10),
+                                  np.maximum(1, np.round(0.1 * counts)))
+    again = downstream.validation_split(labels, 0.1, seed=3)
+    np.testing.assert_array_equal(tr, again[0])
+    np.testing.assert_array_equal(val, again[1])
+    assert not np.array_equal(val, downstream.validation_split(labels, 0.1, seed=4)[1])
+    tr, val = downstream.validation_split(labels, 0.0, seed=3)
+    assert val.size == 0 and tr.size == len(labels)
+
+
+def test_validation_split_takes_one_of_each_class_that_has_two():
+    labels = np.array([0] * 40 + [1] * 2 + [2] * 1 + [3] * 3)
+    tr, val = downstream.validation_split(labels, 0.1, seed=0)
+    assert np.bincount(labels[val], minlength=4).tolist() == [4, 1, 0, 1]
+    assert np.bincount(labels[tr], minlength=4).tolist() == [36, 1, 1, 2]
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.0, float("nan")])
+def test_validation_split_refuses_bad_fractions(fraction):
+    with pytest.raises(ValueError, match="fraction"):
+        downstream.validation_split(np.arange(10) % 2, fraction, seed=0)
+
+
+# ---------------------------------------------------------------- best epoch, early stopping
+
+
+def _scripted(curve):
+    """`run_epoch`, `validate` and the epochs run: epoch e's parameters are `{"epoch": e}`,
+    its validation `curve[e - 1]` (an accuracy, or (accuracy, loss))."""
+    ran = []
+
+    def run_epoch(epoch):
+        ran.append(epoch)
+        return {"epoch": epoch}
+
+    def validate(params):
+        value = curve[params["epoch"] - 1]
+        return value if isinstance(value, tuple) else (value, 1.0)
+
+    return run_epoch, validate, ran
+
+
+def test_best_epoch_keeps_the_parameters_of_the_best_validation_accuracy():
+    curve = [0.2, 0.6, (0.5, 0.1), (0.6, 0.9), (0.6, 0.5), 0.55, 0.3]
+    run_epoch, validate, ran = _scripted(curve)
+    params, info = downstream.best_epoch(run_epoch, validate, epochs=7)
+    # Epochs 2, 4, 5 tie at 0.6; epoch 5 has the lowest loss among them (0.5 < 0.9 < 1.0).
+    assert params == {"epoch": 5} and info["best_epoch"] == 5
+    assert ran == list(range(1, 8)) and info["epochs_run"] == 7
+    assert info["val_accuracy"] == [c[0] if isinstance(c, tuple) else c for c in curve]
+    # An exact tie (accuracy and loss) goes to the earlier epoch.
+    params, info = downstream.best_epoch(*_scripted([0.3, 0.7, 0.7, 0.1])[:2], epochs=4)
+    assert params == {"epoch": 2} and info["best_epoch"] == 2
+    # Without validation: the last epoch.
+    params, info = downstream.best_epoch(run_epoch, None, epochs=3)
+    assert params == {"epoch": 3} and info["val_accuracy"] == []
+
+
+def test_early_stopping_stops_after_patience_epochs_without_improvement():
+    curve = [0.1, 0.5, 0.4, 0.5, 0.3, 0.9, 0.2]
+    run_epoch, validate, ran = _scripted(curve)
+    params, info = downstream.best_epoch(run_epoch, validate, epochs=7, patience=3)
+    assert ran == [1, 2, 3, 4, 5]  # epochs 3, 4, 5 are no better than epoch 2: stop
+    assert params == {"epoch": 2} and info["epochs_run"] == 5
+    assert info["val_accuracy"] == curve[:5]
+    run_epoch, validate, ran = _scripted(curve)
+    params, info = downstream.best_epoch(run_epoch, validate, epochs=7, patience=0)
+    assert ran == list(range(1, 8)) and params == {"epoch": 6}
+    run_epoch, validate, ran = _scripted(curve)
+    params, _ = downstream.best_epoch(run_epoch, validate, epochs=7, patience=4)
+    assert ran == list(range(1, 8)) and params == {"epoch": 6}  # 3, 4, 5: patience left
 
 
 # ---------------------------------------------------------------- macro_auc
@@ -132,6 +216,30 @@ def test_knn_with_one_neighbour_is_the_nearest_by_cosine():
     np.testing.assert_allclose(scores, np.eye(4)[y_train[cosine.argmax(1)]], atol=1e-6)
 
 
+def test_knn_neighbours_is_at_most_a_tenth_of_the_labelled_set():
+    assert downstream.knn_neighbours(20, 10_000) == 20
+    assert downstream.knn_neighbours(20, 200) == 20
+    assert downstream.knn_neighbours(20, 199) == 19
+    assert downstream.knn_neighbours(20, 40) == 4
+    assert downstream.knn_neighbours(20, 9) == 1
+    assert downstream.knn_neighbours(1, 5000) == 1
+
+
+def test_protocol_caps_k_at_a_tenth_of_the_labelled_images(train, test):
+    config = base.get_config("tiny")  # 256 candidates, 256 test images
+    config.downstream.update(knn_k=50, label_fractions=(0.05, 0.5))
+    result = downstream.evaluate_pixels(config, train, test)
+    idx = downstream.label_subset(train.labels[:256], 0.5, seed=config.seed)
+    labelled = result["labelled"]
+    assert labelled["0.5"] == len(idx) and 120 <= len(idx) < 130 and labelled["0.05"] < 20
+    assert result["knn"]["0.5"]["k"] == 12 and result["knn"]["0.05"]["k"] == 1
+    test_idx = downstream.held_out_indices(config, test)
+    scores = downstream.knn_classify(
+        downstream.raw_pixel_features(train, idx), train.labels[idx],
+        downstream.raw_pixel_features(test, test_idx), num_classes=10, k=12)
+    assert result["knn"]["0.5"]["accuracy"] == evaluation.accuracy(scores, test.labels[test_idx])
+
+
 def test_linear_probe_on_real_pixels_beats_chance_and_is_deterministic(pixels):
     x_train, y_train, x_test, y_test = pixels
     probe = lambda seed: downstream.linear_probe(x_train, y_train, x_test, num_classes=10,
@@ -180,6 +288,32 @@ def test_finetune_on_fewer_images_than_a_batch(classifier, train, test):
     assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["auc"] <= 1
 
 
+def test_fit_returns_the_parameters_of_its_best_validation_epoch(classifier, train):
+    model, params = classifier
+    train_idx, val_idx = np.arange(256), np.arange(256, 336)
+    best, info = downstream.fit(model, params, train, train_idx, epochs=5, lr=3e-3,
+                                batch_size=64, seed=0, mean=MEAN, std=STD, val_idx=val_idx,
+                                eval_batch_size=50)
+    assert info["epochs_run"] == 5 and len(info["val_accuracy"]) == 5
+    assert info["steps"] == 20 and info["steps_per_epoch"] == 4
+    assert (info["train_images"], info["val_images"]) == (256, 80)
+    key = [(a, -l) for a, l in zip(info["val_accuracy"], info["val_loss"])]
+    assert info["best_epoch"] == 1 + max(range(5), key=lambda e: (key[e], -e))
+    again = downstream.evaluate_model(model, best, train, val_idx, batch_size=80, mean=MEAN,
+                                      std=STD)
+    assert again["accuracy"] == pytest.approx(max(info["val_accuracy"]), abs=1 / 80 + 1e-9)
+
+
+def test_finetune_reports_its_epoch_and_curve_and_obeys_the_step_cap(classifier, train, test):
+    model, params = classifier
+    metrics = downstream.finetune(model, params, train, np.arange(64), test, np.arange(100),
+                                  epochs=10, lr=1e-3, batch_size=32, seed=0, mean=MEAN,
+                                  std=STD, val_idx=np.arange(64, 84), max_steps=3)
+    assert metrics["steps"] == 3 and metrics["epochs_run"] == 2  # 2 steps an epoch
+    assert len(metrics["val_accuracy"]) == 2 and metrics["best_epoch"] in (1, 2)
+    json.dumps(metrics)
+
+
 # ---------------------------------------------------------------- protocol and table
 
 
@@ -206,6 +340,12 @@ def test_evaluate_body_with_a_random_body(tiny_head, train, test, capsys):
         metrics = result[method]["0.5"]
         assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["auc"] <= 1
     assert result["linear"]["0.5"]["accuracy"] > 0.2  # above chance even untrained
+    tuned = result["finetune"]["0.5"]
+    assert tuned["train_images"] + tuned["val_images"] == result["labelled"]["0.5"]
+    assert tuned["val_images"] >= 10  # at least one image of each class
+    assert len(tuned["val_accuracy"]) == tuned["epochs_run"] == config.downstream.finetune_epochs
+    assert result["knn"]["0.5"]["k"] == downstream.knn_neighbours(config.downstream.knn_k,
+                                                                  result["labelled"]["0.5"])
     json.dumps(result)
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[random body]")]
     assert len(lines) == 4  # features, linear, k-NN, fine-tune
@@ -244,3 +384,15 @@ def test_labelled_candidates_follow_subset_and_site(train):
     config.downstream.site = config.data.num_sites
     with pytest.raises(ValueError, match="num_sites"):
         downstream.labelled_candidates(config, train)
+
+
+@pytest.mark.parametrize("key, value", [("finetune_val_fraction", 1.0),
+                                        ("finetune_val_fraction", -0.1),
+                                        ("finetune_patience", -1), ("finetune_epochs", 0),
+                                        ("finetune_max_steps", -1), ("knn_k", 0)])
+def test_check_config_rejects_bad_finetune_and_knn_settings(key, value):
+    config = base.get_config("tiny")
+    validate.check_config(config)
+    config.downstream[key] = value
+    with pytest.raises(ValueError, match=f"downstream.{key}"):
+        validate.check_config(config)

@@ -6,8 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import base
 from smsd_jax import models
 from smsd_jax.data import fashion_mnist
+from smsd_jax.models import vit as vit_lib
 from tests.reference_vit import vit_forward
 
 DIM, DEPTH, HEADS = 32, 2, 4
@@ -125,3 +127,277 @@ def test_presets():
     assert models.preset("S") == {"dim": 384, "depth": 12, "heads": 6}
     with pytest.raises(ValueError, match="unknown ViT size"):
         models.preset("XXL")
+
+
+# ------------------------------------------------- DINO's init, head and stochastic depth
+# References: facebookresearch/dino vision_transformer.py (`_init_weights`, `DINOHead`,
+# `drop_path`, `torch.linspace(0, drop_path_rate, depth)`) and utils.trunc_normal_.
+
+
+def _dense_layers(params, prefix=""):
+    """`{path: {"kernel", "bias"}}` of every Dense layer in a parameter tree."""
+    found = {}
+    for name, sub in params.items():
+        if isinstance(sub, dict) and "kernel" in sub:
+            found[prefix + name] = sub
+        elif isinstance(sub, dict):
+            found.update(_dense_layers(sub, prefix + name + "/"))
+    return found
+
+
+def _assert_dino_trunc_normal(values, std=0.02, bound=2.0):
+    """N(0, std^2) cut at +-bound (absolute), as timm's trunc_normal_(std, a=-bound, b=bound).
+
+    At std 0.02 the cut is 100 std away: the sample is a plain normal of std 0.02, not
+    Flax's truncated_normal(0.02) (cut at +-2 std = 0.04, std 0.88 * 0.02).
+    """
+    v = np.asarray(values, np.float64).ravel()
+    n = v.size
+    assert abs(v.mean()) < 5 * std / np.sqrt(n)
+    # The standard error of a normal sample's std is std / sqrt(2n).
+    assert abs(v.std() - std) < 5 * std / np.sqrt(2 * n)
+    assert np.abs(v).max() <= bound
+    # Beyond 2 std lies 4.55% of a normal; Flax's truncation would leave none there.
+    beyond = np.mean(np.abs(v) > 2 * std)
+    assert abs(beyond - 0.0455) < 5 * np.sqrt(0.0455 * 0.9545 / n)
+
+
+def test_trunc_normal_matches_timm_truncation():
+    # DINO's setting: bounds +-2 at std 0.02, a plain normal (the statistics above).
+    _assert_dino_trunc_normal(vit_lib.trunc_normal(0.02)(jax.random.key(0), (200_000,)))
+    # Bounds within reach (std 1, +-2): truncated at the absolute bounds, with the std of a
+    # normal truncated at +-2: sqrt(1 - 2 * 2 * phi(2) / (2 * Phi(2) - 1)) = 0.8796.
+    v = np.asarray(vit_lib.trunc_normal(1.0)(jax.random.key(1), (200_000,)), np.float64)
+    assert np.abs(v).max() <= 2.0 and np.abs(v).max() > 1.99
+    assert abs(v.std() - 0.87962566) < 5 * 0.88 / np.sqrt(2 * v.size)
+    # Asymmetric absolute bounds: [-0.5, 3] at std 1.
+    v = np.asarray(vit_lib.trunc_normal(1.0, -0.5, 3.0)(jax.random.key(2), (10_000,)))
+    assert v.min() >= -0.5 and v.max() <= 3.0
+
+
+def test_body_init_is_dinos():
+    body = models.ViTBody(64, 2, 4)
+    params = body.init(jax.random.key(0), jnp.zeros((1, 5, 64)))["params"]
+    dense = _dense_layers(params)
+    assert sorted(dense) == sorted(f"block{i}/{n}" for i in range(2)
+                                   for n in ("attn/qkv", "attn/proj", "fc1", "fc2"))
+    for name, layer in dense.items():
+        _assert_dino_trunc_normal(layer["kernel"])
+        np.testing.assert_array_equal(layer["bias"], 0.0)
+    # All kernels together: one sample of 98k values, a tight check of the std.
+    _assert_dino_trunc_normal(np.concatenate([np.ravel(d["kernel"]) for d in dense.values()]))
+    for norm in [params["norm"]] + [params[f"block{i}"][n] for i in range(2)
+                                    for n in ("norm1", "norm2")]:
+        np.testing.assert_array_equal(norm["scale"], 1.0)
+        np.testing.assert_array_equal(norm["bias"], 0.0)
+    cls = np.asarray(params["cls_token"]).ravel()
+    assert cls.shape == (64,) and np.abs(cls).max() <= 2.0
+    assert 0.01 < cls.std() < 0.03  # 64 values: std within ~ +-0.5 std of 0.02
+
+
+def test_dino_head_init_is_dinos():
+    x = jnp.zeros((1, DIM))
+    head = models.DINOHead(out_dim=4096, hidden_dim=256, bottleneck_dim=64, norm_last_layer=False)
+    params = head.init(jax.random.key(0), x)["params"]
+    dense = _dense_layers(params)
+    assert sorted(dense) == ["mlp0", "mlp1", "mlp2"]
+    for layer in dense.values():
+        _assert_dino_trunc_normal(layer["kernel"])
+        np.testing.assert_array_equal(layer["bias"], 0.0)
+    # weight_v: torch's default Linear init, kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)),
+    # fan_in = bottleneck_dim; weight_g filled with 1.
+    v = np.asarray(params["last_layer_v"], np.float64)
+    bound = 1.0 / np.sqrt(64)
+    assert v.shape == (64, 4096) and np.abs(v).max() <= bound
+    assert np.abs(v).max() > 0.999 * bound  # fills the range (262k draws)
+    n = v.size
+    assert abs(v.mean()) < 5 * bound / np.sqrt(3 * n)
+    # A uniform on [-b, b] has std b / sqrt(3); its sample variance has std ~ 0.9 var / sqrt(n).
+    assert abs(v.var() - bound ** 2 / 3) < 5 * 0.9 * bound ** 2 / 3 / np.sqrt(n)
+    # Flat, not bell-shaped: each quarter of the range holds a quarter of the values.
+    counts = np.histogram(v, bins=4, range=(-bound, bound))[0] / n
+    np.testing.assert_allclose(counts, 0.25, atol=5 * np.sqrt(0.25 * 0.75 / n))
+    np.testing.assert_array_equal(params["last_layer_g"], 1.0)
+
+
+def test_dino_head_last_layer_is_float32_under_bfloat16():
+    x = jax.random.normal(jax.random.key(0), (6, DIM))
+    kw = dict(out_dim=300, hidden_dim=64, bottleneck_dim=32, norm_last_layer=False)
+    head = models.DINOHead(**kw, dtype=jnp.bfloat16)
+    params = head.init(jax.random.key(1), x)["params"]
+    params["last_layer_g"] = jax.random.uniform(jax.random.key(2), (300,), minval=0.5,
+                                                maxval=2.0)
+    logits, state = head.apply({"params": params}, x, capture_intermediates=True)
+    bottleneck = state["intermediates"]["mlp2"]["__call__"][0]
+    assert bottleneck.dtype == jnp.bfloat16  # the MLP does run in bfloat16
+    assert logits.dtype == jnp.float32
+    # The last layer in float64 from the same (bfloat16) bottleneck and float32 params.
+    z = np.asarray(bottleneck.astype(jnp.float32), np.float64)
+    z = z / np.linalg.norm(z, axis=-1, keepdims=True)
+    v = np.asarray(params["last_layer_v"], np.float64)
+    w = v / np.linalg.norm(v, axis=0, keepdims=True) * np.asarray(params["last_layer_g"])
+    expected = z @ w
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    # And the float32 head on the same bottleneck: equal to float32 precision.
+    f32 = models.DINOHead(**kw)
+    ref = f32.apply({"params": params}, x)
+    assert float(jnp.abs(ref - logits).max()) < 0.05  # only the bf16 MLP differs
+
+
+def _block_and_params(rate, dim=DIM, batch=1, tokens=5, key=0):
+    block = vit_lib.Block(dim, HEADS, drop_path=rate)
+    x = jax.random.normal(jax.random.key(key), (batch, tokens, dim))
+    return block, block.init(jax.random.key(key + 1), x)["params"], x
+
+
+def _scaled(params, attn_scale, mlp_scale):
+    """The block's params with the attention branch's (proj) and the MLP branch's (fc2)
+    output layer scaled: the deterministic block then computes x + s_a a + s_m f(...)."""
+    p = jax.tree.map(lambda t: t, params)
+    p["attn"] = dict(p["attn"], proj=jax.tree.map(lambda t: t * attn_scale, p["attn"]["proj"]))
+    p["fc2"] = jax.tree.map(lambda t: t * mlp_scale, p["fc2"])
+    return p
+
+
+def test_drop_path_is_unbiased_per_example():
+    rate, n = 0.3, 20_000
+    x = jax.random.normal(jax.random.key(0), (1, 4, 3))
+    batch = jnp.broadcast_to(x, (n, 4, 3))
+    out = np.asarray(vit_lib.drop_path(batch, rate, jax.random.key(1)))
+    kept = np.abs(out).sum(axis=(1, 2)) > 0
+    # Each example whole: zeros, or x / (1 - rate) in every token and channel.
+    np.testing.assert_allclose(out[kept], np.broadcast_to(x / (1 - rate), out[kept].shape),
+                               rtol=1e-6)
+    assert abs(kept.mean() - (1 - rate)) < 5 * np.sqrt(rate * (1 - rate) / n)
+    # Expectation: x, within sampling error (std of the mean: |x| sqrt(rate / (1-rate) / n)).
+    err = np.abs(np.asarray(x[0]) * np.sqrt(rate / (1 - rate) / n))
+    mean = out.astype(np.float64).mean(0)
+    assert np.all(np.abs(mean - np.asarray(x[0], np.float64)) < 5 * err + 1e-7)
+    assert vit_lib.drop_path(batch, 0.0, jax.random.key(1)) is batch
+
+
+@pytest.mark.parametrize("branch", ["attn", "mlp"])
+def test_drop_path_block_mean_equals_deterministic_output(branch):
+    # One residual branch at a time (the other's output layer zeroed): the block's mean output
+    # over many draws is its deterministic output. (With both branches on, the MLP branch
+    # reads the attention branch's dropped output, so only each branch is unbiased.)
+    rate, n = 0.25, 8_000
+    block, params, x = _block_and_params(rate)
+    params = _scaled(params, 1.0 if branch == "attn" else 0.0, 1.0 if branch == "mlp" else 0.0)
+    det = block.apply({"params": params}, x)
+    many = jnp.broadcast_to(x, (n, *x.shape[1:]))
+    out = block.apply({"params": params}, many, deterministic=False,
+                      rngs={"drop_path": jax.random.key(3)})
+    branch_out = np.asarray(det - x, np.float64)[0]
+    # One draw per example: the mean's error is branch * (kept fraction / (1-rate) - 1).
+    err = np.abs(branch_out) * np.sqrt(rate / (1 - rate) / n)
+    mean = np.asarray(out, np.float64).mean(0)  # float64: a float32 sum of 8k values drifts
+    np.testing.assert_array_less(np.abs(mean - np.asarray(det, np.float64)[0]), 5 * err + 1e-6)
+    # It is random: some examples dropped, some kept.
+    assert 0 < float(jnp.mean(jnp.all(jnp.abs(out - x) < 1e-7, axis=(1, 2)))) < 1
+
+
+def test_block_drops_each_branch_per_example_independently():
+    # Every example's output is one of the four deterministic combinations x + s_a a +
+    # s_m f(x + s_a a), s in {0, 1/(1-rate)}, and the two branches' draws are independent.
+    rate, n = 0.3, 2_000
+    block, params, x = _block_and_params(rate, batch=n, key=5)
+    out = np.asarray(block.apply({"params": params}, x, deterministic=False,
+                                 rngs={"drop_path": jax.random.key(7)}))
+    s = 1.0 / (1.0 - rate)
+    combos = {(a, m): np.asarray(block.apply({"params": _scaled(params, sa, sm)}, x))
+              for a, sa in ((0, 0.0), (1, s)) for m, sm in ((0, 0.0), (1, s))}
+    err = {c: np.abs(out - y).max(axis=(1, 2)) for c, y in combos.items()}
+    match = np.stack([err[c] for c in sorted(err)], 1)  # [n, 4]
+    assert np.all(match.min(1) < 1e-5)  # each example is one combination
+    which = np.array(sorted(err))[match.argmin(1)]  # [n, 2]: (attention kept, MLP kept)
+    tol = 5 * np.sqrt(rate * (1 - rate) / n)
+    assert abs(which[:, 0].mean() - (1 - rate)) < tol
+    assert abs(which[:, 1].mean() - (1 - rate)) < tol
+    both = (which[:, 0] & which[:, 1]).mean()
+    assert abs(both - (1 - rate) ** 2) < 5 * np.sqrt((1 - rate) ** 2 * (1 - (1 - rate) ** 2) / n)
+
+
+def test_body_drop_path_rates_follow_linspace():
+    depth, rate = 5, 0.1
+    body = models.ViTBody(DIM, depth, HEADS, drop_path=rate)
+    # torch.linspace(0, 0.1, 5) = [0, 0.025, 0.05, 0.075, 0.1]
+    np.testing.assert_allclose(body.drop_path_rates, [0.0, 0.025, 0.05, 0.075, 0.1], rtol=1e-7)
+    np.testing.assert_allclose(body.drop_path_rates, np.linspace(0, rate, depth))
+    assert models.ViTBody(DIM, 1, HEADS, drop_path=rate).drop_path_rates == [0.0]
+    # The blocks the body builds do get those rates, and the deterministic flag.
+    seen = {}
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, vit_lib.Block) and context.method_name == "__call__":
+            seen[context.module.name] = (context.module.drop_path, args[1])
+        return next_fun(*args, **kwargs)
+
+    tokens = jnp.ones((2, 3, DIM))
+    params = body.init(jax.random.key(0), tokens)
+    with nn.intercept_methods(record):
+        body.apply(params, tokens, deterministic=False, rngs={"drop_path": jax.random.key(1)})
+    assert seen == {f"block{i}": (r, False) for i, r in enumerate(np.linspace(0, rate, depth))}
+
+
+def test_body_drop_path_deterministic_is_the_plain_body():
+    tokens = jax.random.normal(jax.random.key(0), (4, 9, DIM))
+    plain, dropping = _body(), models.ViTBody(DIM, DEPTH, HEADS, drop_path=0.1)
+    params = plain.init(jax.random.key(0), tokens)
+    # No parameters: the same tree, the same init.
+    jax.tree.map(np.testing.assert_array_equal, params, dropping.init(jax.random.key(0), tokens))
+    cls, out = plain.apply(params, tokens)
+    for c, o in (dropping.apply(params, tokens), dropping.apply(params, tokens, True),
+                 plain.apply(params, tokens, deterministic=False)):  # rate 0: needs no rng
+        np.testing.assert_array_equal(c, cls)
+        np.testing.assert_array_equal(o, out)
+    # Training mode differs (and needs the rng).
+    c, _ = dropping.apply(params, tokens, deterministic=False,
+                          rngs={"drop_path": jax.random.key(1)})
+    assert float(jnp.abs(c - cls).max()) > 1e-4
+    with pytest.raises(Exception, match="drop_path"):
+        dropping.apply(params, tokens, deterministic=False)
+    with pytest.raises(ValueError, match="drop_path must be in"):
+        models.ViTBody(DIM, DEPTH, HEADS, drop_path=1.0).init(jax.random.key(0), tokens)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_drop_path_body_is_permutation_equivariant(deterministic):
+    # The drop is per example, not per token: even one stochastic draw keeps the contract.
+    tokens = jax.random.normal(jax.random.key(3), (3, 24, DIM))
+    body = models.ViTBody(DIM, DEPTH, HEADS, drop_path=0.5)
+    params = body.init(jax.random.key(0), tokens)
+    perm = jax.random.permutation(jax.random.key(1), 24)
+    run = lambda t: body.apply(params, t, deterministic=deterministic,
+                               rngs={"drop_path": jax.random.key(2)})
+    (cls, out), (cls_p, out_p) = run(tokens), run(tokens[:, perm])
+    assert float(jnp.abs(cls - cls_p).max()) < 1e-5
+    assert float(jnp.abs(out[:, perm] - out_p).max()) < 1e-5
+
+
+def test_dino_nets_take_drop_path_from_the_server_config():
+    config = base.get_config("tiny")
+    assert models.dino_net_from_config(config).body.drop_path == config.server.get(
+        "drop_path", 0.0)
+    config.server.drop_path = 0.1
+    assert models.dino_net_from_config(config).body.drop_path == 0.1
+    assert models.image_dino_net_from_config(config).body.drop_path == 0.1
+    assert models.body_from_config(config).drop_path == 0.0
+    # The student's call, and the teacher's (no rng), on the same parameters.
+    net = models.dino_net_from_config(config)
+    dim = models.preset(config.model.size)["dim"]
+    tokens = jax.random.normal(jax.random.key(0), (4, 6, dim))
+    params = net.init(jax.random.key(0), tokens)["params"]
+    teacher, _ = net.apply({"params": params}, tokens)
+    student, _ = net.apply({"params": params}, tokens, deterministic=False,
+                           rngs={"drop_path": jax.random.key(1)})
+    assert teacher.shape == student.shape == (4, config.server.out_dim)
+    assert float(jnp.abs(teacher - student).max()) > 0
+    image_net = models.image_dino_net_from_config(config)
+    size, ch = config.data.image_size, config.data.channels
+    images = jnp.zeros((2, size, size, ch))
+    ip = image_net.init(jax.random.key(0), images)["params"]
+    assert set(ip) == {"head", "body", "dino_head"}
+    logits, _ = image_net.apply({"params": ip}, images, deterministic=False,
+                                rngs={"drop_path": jax.random.key(1)})
+    assert logits.shape == (2, config.server.out_dim)

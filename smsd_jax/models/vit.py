@@ -3,13 +3,22 @@
 `ViTHead` turns images into tokens (patch embedding + position embedding); it is the only
 part that knows where a token came from. `ViTBody` takes any set of tokens `[batch, K, dim]`
 and has no position-dependent part, so it is permutation-equivariant (docs/method.md).
+
+The body and `DINOHead` are initialised, and the body regularised (stochastic depth), as
+facebookresearch/dino's `vision_transformer.py` builds them: every linear weight
+`trunc_normal_(std=0.02)` (bounds +-2, absolute), biases 0, LayerNorms (1, 0), the class
+token `trunc_normal_(std=0.02)`, and the head's weight-normalised last layer from PyTorch's
+default `Linear` init. The head (`ViTHead`) keeps its own, deliberate init.
 """
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from smsd_jax.errors import SMSDError
 
@@ -28,6 +37,63 @@ def preset(name: str) -> dict:
     if name not in PRESETS:
         raise SMSDError(f"unknown ViT size {name!r}; choose one of {sorted(PRESETS)}")
     return dict(PRESETS[name])
+
+
+def trunc_normal(std: float = 0.02, a: float = -2.0, b: float = 2.0) -> nn.initializers.Initializer:
+    """timm's / DINO's `trunc_normal_(std=std, a=a, b=b)`: N(0, std^2) truncated to [a, b].
+
+    The bounds are absolute values, not multiples of `std` (Flax's `truncated_normal(std)`
+    cuts at +-2 std and so has std 0.88 std; DINO's at std 0.02 cuts at +-100 std, i.e. it is
+    a plain normal). Where both bounds lie beyond 6 std, past anything a float32 normal
+    sampler draws (about 5.4 std), the exact distribution is a normal, clipped only as a
+    guard; otherwise `jax.random.truncated_normal` between the bounds in std units. (That
+    sampler is avoided far out: its uniform's end point maps to the bound itself when
+    erf(bound) rounds to +-1, an atom at +-2 of about 1e-7 per weight.)
+    """
+    if not std > 0 or not a < b:
+        raise SMSDError(f"trunc_normal needs std > 0 and a < b, got std={std}, a={a}, b={b}")
+
+    def init(key, shape, dtype=jnp.float32):
+        if -a >= 6 * std and b >= 6 * std:
+            return jnp.clip(std * jax.random.normal(key, shape, dtype), a, b)
+        return std * jax.random.truncated_normal(key, a / std, b / std, shape, dtype)
+    return init
+
+
+def torch_linear_uniform(fan_in_axis: int = 0) -> nn.initializers.Initializer:
+    """PyTorch's default `nn.Linear` weight init, `kaiming_uniform_(a=sqrt(5))`.
+
+    That is U(-1/sqrt(fan_in), 1/sqrt(fan_in)): gain sqrt(2 / (1 + 5)) times sqrt(3 / fan_in).
+    `fan_in_axis` is the input axis of the weight (0 for a Flax `[in, out]` kernel).
+    """
+    def init(key, shape, dtype=jnp.float32):
+        bound = 1.0 / math.sqrt(shape[fan_in_axis])
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
+
+
+# DINO's `_init_weights` for every linear layer of the body and the DINO head's MLP.
+_dense_init = dict(kernel_init=trunc_normal(0.02), bias_init=nn.initializers.zeros)
+
+
+def stochastic_depth_rates(rate: float, depth: int) -> list[float]:
+    """DINO's stochastic depth decay rule: block i of `depth` gets `linspace(0, rate)[i]`."""
+    return [float(r) for r in np.linspace(0.0, rate, depth)]
+
+
+def drop_path(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """Stochastic depth on a residual branch `x [B, ...]`, as DINO's `drop_path`.
+
+    Each example's branch is zeroed with probability `rate` (one draw per example, shared by
+    all its tokens, so the body stays permutation-equivariant); a kept one is scaled by
+    `1 / (1 - rate)`, so the expectation is `x`. The scale is applied in float32.
+    """
+    if rate == 0.0:
+        return x
+    keep = 1.0 - rate
+    kept = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    scale = jnp.where(kept, jnp.float32(1.0 / keep), jnp.float32(0.0))
+    return (x.astype(jnp.float32) * scale).astype(x.dtype)
 
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
@@ -109,7 +175,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t, _ = x.shape
-        qkv = nn.Dense(3 * self.dim, dtype=self.dtype, name="qkv")(x)
+        qkv = nn.Dense(3 * self.dim, dtype=self.dtype, name="qkv", **_dense_init)(x)
         q, k, v = jnp.split(qkv.reshape(b, t, 3, self.heads, self.dim // self.heads), 3, axis=2)
         q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # [B, T, heads, head_dim]
         if self.is_mutable_collection("intermediates"):
@@ -120,25 +186,40 @@ class Attention(nn.Module):
             out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
         else:
             out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
-        return nn.Dense(self.dim, dtype=self.dtype, name="proj")(out.reshape(b, t, self.dim))
+        return nn.Dense(self.dim, dtype=self.dtype, name="proj",
+                        **_dense_init)(out.reshape(b, t, self.dim))
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: every op but attention acts on each token alone."""
+    """Pre-norm transformer block: every op but attention acts on each token alone.
+
+    `drop_path`: stochastic depth rate of both residual branches (attention, MLP), each
+    dropped per example independently, when called with `deterministic=False` (rng stream
+    "drop_path").
+    """
     dim: int
     heads: int
     mlp_ratio: float = 4.0
     dtype: jnp.dtype = jnp.float32
     attention: str | None = None
+    drop_path: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        def residual(branch):
+            if deterministic or self.drop_path == 0.0:
+                return branch
+            return drop_path(branch, self.drop_path, self.make_rng("drop_path"))
+
         y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
-        x = x + Attention(self.dim, self.heads, self.dtype, self.attention, name="attn")(y)
+        y = Attention(self.dim, self.heads, self.dtype, self.attention, name="attn")(y)
+        x = x + residual(y)
         y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
-        y = nn.Dense(int(self.mlp_ratio * self.dim), dtype=self.dtype, name="fc1")(y)
-        y = nn.Dense(self.dim, dtype=self.dtype, name="fc2")(nn.gelu(y, approximate=False))
-        return x + y
+        y = nn.Dense(int(self.mlp_ratio * self.dim), dtype=self.dtype, name="fc1",
+                     **_dense_init)(y)
+        y = nn.Dense(self.dim, dtype=self.dtype, name="fc2",
+                     **_dense_init)(nn.gelu(y, approximate=False))
+        return x + residual(y)
 
 
 class ViTBody(nn.Module):
@@ -147,6 +228,12 @@ class ViTBody(nn.Module):
     Takes any number `K` of tokens. With no position embedding, grid or order-dependent op,
     the class feature is invariant and the token features are equivariant under any
     permutation of the input tokens. Attention maps: `apply(..., mutable=["intermediates"])`.
+
+    Attributes:
+      drop_path: stochastic depth rate (DINO's `drop_path_rate`, 0.1 for its student): block
+        i gets `linspace(0, drop_path, depth)[i]` (`stochastic_depth_rates`). It acts only when
+        called with `deterministic=False`, with an rng stream "drop_path"; it has no
+        parameters, so a body of any rate reads the same parameters.
     """
     dim: int
     depth: int
@@ -154,25 +241,45 @@ class ViTBody(nn.Module):
     mlp_ratio: float = 4.0
     dtype: jnp.dtype = jnp.float32
     attention: str | None = None
+    drop_path: float = 0.0
+
+    @property
+    def drop_path_rates(self) -> list[float]:
+        """The stochastic depth rate of each block."""
+        return stochastic_depth_rates(self.drop_path, self.depth)
 
     @nn.compact
-    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """tokens `[B, K, D]` -> (class feature `[B, D]`, token features `[B, K, D]`)."""
+    def __call__(self, tokens: jax.Array,
+                 deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+        """tokens `[B, K, D]` -> (class feature `[B, D]`, token features `[B, K, D]`).
+
+        `deterministic=False` (the student's training forward) applies stochastic depth and
+        needs `rngs={"drop_path": key}` when `drop_path > 0`.
+        """
         if tokens.ndim != 3 or tokens.shape[-1] != self.dim:
             raise SMSDError(f"tokens of shape {tokens.shape} do not fit a body of width "
                             f"{self.dim}: expected [batch, tokens, {self.dim}]")
-        cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, self.dim))
+        if not 0.0 <= self.drop_path < 1.0:
+            raise SMSDError(f"drop_path must be in [0, 1), got {self.drop_path}")
+        cls = self.param("cls_token", trunc_normal(0.02), (1, 1, self.dim))
         cls = jnp.broadcast_to(cls, (tokens.shape[0], 1, self.dim))
         x = jnp.concatenate([cls, tokens], axis=1).astype(self.dtype)
-        for i in range(self.depth):
+        for i, rate in enumerate(self.drop_path_rates):
             x = Block(self.dim, self.heads, self.mlp_ratio, self.dtype, self.attention,
-                      name=f"block{i}")(x)
+                      drop_path=rate, name=f"block{i}")(x, deterministic)
         x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
         return x[:, 0], x[:, 1:]
 
 
 class DINOHead(nn.Module):
     """DINO projection head: MLP, L2-normalise, weight-normalised last linear layer.
+
+    As DINO's `DINOHead` (no batch norm): the MLP's linear layers `trunc_normal_(std=0.02)`
+    with zero biases; the last layer `weight_norm(Linear(bottleneck_dim, out_dim,
+    bias=False))` with `v` from PyTorch's default Linear init, U(+-1/sqrt(bottleneck_dim)),
+    and `g` filled with 1. The MLP computes in `dtype`; the normalisation and the last layer
+    always in float32 (full precision), so the logits, sharpened by the teacher temperature,
+    carry no bfloat16 rounding.
 
     Attributes:
       out_dim: number of prototypes (65,536 in DINO).
@@ -188,19 +295,20 @@ class DINOHead(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """features `[B, D]` -> logits `[B, out_dim]` (float32)."""
-        dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name,
-                                         kernel_init=nn.initializers.truncated_normal(0.02))
+        dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name, **_dense_init)
         for i in range(self.num_layers - 1):
             x = nn.gelu(dense(self.hidden_dim, f"mlp{i}")(x), approximate=False)
         x = dense(self.bottleneck_dim, f"mlp{self.num_layers - 1}")(x)
         x = x.astype(jnp.float32)
         x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
-        v = self.param("last_layer_v", nn.initializers.truncated_normal(0.02),
-                       (self.bottleneck_dim, self.out_dim))
+        # v [in, out]: the transpose of torch's weight_v [out, in]; fan_in = bottleneck_dim.
+        v = self.param("last_layer_v", torch_linear_uniform(fan_in_axis=0),
+                       (self.bottleneck_dim, self.out_dim)).astype(jnp.float32)
         w = v / jnp.linalg.norm(v, axis=0, keepdims=True)
         if not self.norm_last_layer:
             w = w * self.param("last_layer_g", nn.initializers.ones, (self.out_dim,))
-        return jnp.dot(x.astype(self.dtype), w.astype(self.dtype)).astype(jnp.float32)
+        return jnp.dot(x, w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST,
+                       preferred_element_type=jnp.float32)
 
 
 class DINONet(nn.Module):
@@ -208,9 +316,14 @@ class DINONet(nn.Module):
     body: ViTBody
     dino_head: DINOHead
 
-    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """tokens `[B, K, D]` -> (logits `[B, out_dim]`, class feature `[B, D]`)."""
-        feature, _ = self.body(tokens)
+    def __call__(self, tokens: jax.Array,
+                 deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+        """tokens `[B, K, D]` -> (logits `[B, out_dim]`, class feature `[B, D]`).
+
+        The student trains with `deterministic=False, rngs={"drop_path": key}` (stochastic
+        depth); the teacher and everything downstream use the default.
+        """
+        feature, _ = self.body(tokens, deterministic)
         return self.dino_head(feature), feature
 
 
@@ -226,9 +339,13 @@ class ImageDINONet(nn.Module):
     body: ViTBody
     dino_head: DINOHead
 
-    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """images `[B, h, w, C]` -> (logits `[B, out_dim]`, class feature `[B, D]`)."""
-        feature, _ = self.body(self.head(images))
+    def __call__(self, images: jax.Array,
+                 deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+        """images `[B, h, w, C]` -> (logits `[B, out_dim]`, class feature `[B, D]`).
+
+        `deterministic` as `DINONet`'s.
+        """
+        feature, _ = self.body(self.head(images), deterministic)
         return self.dino_head(feature), feature
 
 
@@ -258,7 +375,9 @@ def head_from_config(config) -> ViTHead:
 
 
 def body_from_config(config) -> ViTBody:
-    """The body of `config.model`, computing in `config.model.dtype`."""
+    """The body of `config.model`, computing in `config.model.dtype`; no stochastic depth
+    (the body as sites and exports use it; the server's student gets its rate from
+    `dino_net_from_config`)."""
     return ViTBody(**preset(config.model.size), dtype=jnp.dtype(config.model.dtype),
                    attention=config.model.attention or None)
 
@@ -270,14 +389,21 @@ def dino_head_from_config(config) -> DINOHead:
                     norm_last_layer=s.norm_last_layer, dtype=jnp.dtype(config.model.dtype))
 
 
+def _training_body(config) -> ViTBody:
+    """`body_from_config` with the stochastic depth rate `config.server.drop_path` (0 if
+    unset); it acts only in the student's `deterministic=False` forward."""
+    return body_from_config(config).clone(drop_path=float(config.server.get("drop_path", 0.0)))
+
+
 def dino_net_from_config(config) -> DINONet:
-    """Student / teacher network of `config.server`: body + DINO head."""
-    return DINONet(body=body_from_config(config), dino_head=dino_head_from_config(config))
+    """Student / teacher network of `config.server`: body (with `server.drop_path`) + DINO
+    head."""
+    return DINONet(body=_training_body(config), dino_head=dino_head_from_config(config))
 
 
 def image_dino_net_from_config(config) -> ImageDINONet:
     """Image DINO's student / teacher: the config's head (accepting any crop size), body and
     DINO head, the same sizes as SMSD's so that the methods compare like for like."""
     head = head_from_config(config).clone(interpolate_pos=True)
-    return ImageDINONet(head=head, body=body_from_config(config),
+    return ImageDINONet(head=head, body=_training_body(config),
                         dino_head=dino_head_from_config(config))

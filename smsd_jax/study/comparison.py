@@ -223,31 +223,39 @@ def _execute(config, run: dict, run_dir: Path, train, test) -> dict:
     return record
 
 
-def run_study(config, workdir: Layout | str | Path) -> dict:
-    """Runs (or resumes) every run of `plan(config)`; writes the results and figures."""
-    layout = workdir if isinstance(workdir, Layout) else Layout(workdir)
-    study_dir = layout.study
-    train, test = data.load_source(config.data, "train"), data.load_source(config.data, "test")
-    runs = plan(config)
+def run_plan(runs: list[dict], root: Path, execute, name: str = "study") -> list[dict]:
+    """Runs each of `runs` (dicts with a "dir" under `root`) with `execute(run, run_dir)`,
+    which returns the run's record; a run whose `run.json` exists is kept, so a stopped plan
+    resumes. Prints a line per run with its time and the ETA. Returns the records in order."""
     records, start, spent = [], time.perf_counter(), []
     for i, run in enumerate(runs):
-        run_dir = study_dir / run["dir"]
+        run_dir = root / run["dir"]
         done = run_dir / RUN_FILE
         if done.exists():
             record = files.read_json(done)
-            print(f"study [{i + 1}/{len(runs)}] {run['dir']}: done before, kept")
+            print(f"{name} [{i + 1}/{len(runs)}] {run['dir']}: done before, kept")
         else:
             t = time.perf_counter()
-            print(f"study [{i + 1}/{len(runs)}] {run['dir']} ...", flush=True)
-            record = dict(_execute(config, run, run_dir, train, test), ablation=run["ablation"])
+            print(f"{name} [{i + 1}/{len(runs)}] {run['dir']} ...", flush=True)
+            record = execute(run, run_dir)
             record["seconds"] = time.perf_counter() - t
             files.write_json(done, record)
             spent.append(record["seconds"])
             left = len(runs) - i - 1
-            print(f"study [{i + 1}/{len(runs)}] {run['dir']}: {record['seconds']:.0f} s; "
+            print(f"{name} [{i + 1}/{len(runs)}] {run['dir']}: {record['seconds']:.0f} s; "
                   f"elapsed {(time.perf_counter() - start) / 60:.1f} min, ETA "
                   f"{left * np.mean(spent) / 60:.1f} min", flush=True)
         records.append(record)
+    return records
+
+
+def run_study(config, workdir: Layout | str | Path) -> dict:
+    """Runs (or resumes) every run of `plan(config)`; writes the results and figures."""
+    layout = workdir if isinstance(workdir, Layout) else Layout(workdir)
+    train, test = data.load_source(config.data, "train"), data.load_source(config.data, "test")
+    execute = lambda run, run_dir: dict(_execute(config, run, run_dir, train, test),
+                                        ablation=run["ablation"])
+    records = run_plan(plan(config), layout.study, execute)
     summary = summary_tables.summarize(config, records)
     # The runs' own times: a resumed study counts each run once, where it ran.
     summary["wall_s"] = float(sum(r.get("seconds", 0.0) for r in records))
