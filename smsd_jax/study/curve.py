@@ -37,23 +37,24 @@ JSON, MARKDOWN, PNG = "curve.json", "curve.md", "curve.png"
 
 
 def plan(config) -> list[dict]:
-    """Every run of the curve, in order: pre-trained methods at each budget and seed (the
-    cheapest first, so that a stopped curve has its early points), then the references."""
+    """Every run of the curve, in order: the references (cheap), then the pre-trained methods
+    at each budget and seed, the cheapest budget first, so that a stopped curve has its
+    references and its early points."""
     s = config.curve
     for method in s.methods:
         if method not in PRETRAINED:
             raise SMSDError(f"config.curve.methods has {method!r}; use any of {PRETRAINED}")
     runs = []
+    for seed in s.baseline_seeds:
+        runs.append(dict(kind="pixels", method="raw_pixels", seed=seed, budget=0,
+                         dir=f"raw_pixels/seed{seed}"))
+        runs.append(dict(kind="finetune_only", method="finetune_only", seed=seed, budget=0,
+                         dir=f"finetune_only/seed{seed}"))
     for budget in sorted(s.budgets):
         for method in s.methods:
             for seed in (s.smsd_seeds if method == "smsd" else s.baseline_seeds):
                 runs.append(dict(kind="method", method=method, seed=seed, budget=budget,
                                  dir=f"{method}/seed{seed}/epochs{budget:g}"))
-    for seed in s.baseline_seeds:
-        runs.append(dict(kind="finetune_only", method="finetune_only", seed=seed, budget=0,
-                         dir=f"finetune_only/seed{seed}"))
-        runs.append(dict(kind="pixels", method="raw_pixels", seed=seed, budget=0,
-                         dir=f"raw_pixels/seed{seed}"))
     return runs
 
 
