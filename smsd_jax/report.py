@@ -58,8 +58,7 @@ def read_metrics(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def read_downstream(path: str | os.PathLike) -> list[dict] | None:
     """The results of stage 3 (`downstream.json`), or None when stage 3 has not run."""
-    path = Path(path)
-    return json.loads(path.read_text()) if path.is_file() else None
+    return files.read_json(path) if Path(path).is_file() else None
 
 
 # ---------------------------------------------------------------- math

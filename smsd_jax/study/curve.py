@@ -25,6 +25,7 @@ from smsd_jax import data, downstream, evaluation, files
 from smsd_jax.errors import SMSDError
 from smsd_jax.layout import Layout
 from smsd_jax.study import comparison
+from smsd_jax.study import summary as summary_tables
 
 PRETRAINED = ("smsd", "centralized_dino", "fedavg_dino")
 NAMES = {"smsd": "SMSD (single round)", "centralized_dino": "centralized DINO",
@@ -104,16 +105,10 @@ def run_curve(config, workdir: Layout | str | Path) -> dict:
 # ---------------------------------------------------------------- summary
 
 
-def _stats(values) -> dict:
-    v = np.asarray(values, np.float64)
-    return dict(mean=float(v.mean()), std=float(v.std(ddof=1)) if v.size > 1 else 0.0,
-                n=int(v.size))
-
-
 def _probe_stats(records: list[dict], probe: str) -> dict:
     """`{fraction: accuracy stats}` of `probe` over `records` (seeds)."""
     fractions = sorted({f for r in records for f in r["results"].get(probe, {})}, key=float)
-    return {f: _stats([r["results"][probe][f]["accuracy"] for r in records
+    return {f: summary_tables.stats([r["results"][probe][f]["accuracy"] for r in records
                        if f in r["results"].get(probe, {})]) for f in fractions}
 
 

@@ -29,7 +29,8 @@ FRACTIONS_PNG, BYTES_PNG = "study_label_fraction.png", "study_bytes.png"
 # ---------------------------------------------------------------- aggregation
 
 
-def _stats(values: list[float]) -> dict:
+def stats(values: list[float]) -> dict:
+    """Mean, sample std (0 for one value) and count of `values`."""
     v = np.asarray(values, np.float64)
     return dict(mean=float(v.mean()), std=float(v.std(ddof=1)) if v.size > 1 else 0.0,
                 n=int(v.size))
@@ -42,7 +43,7 @@ def _metric_stats(records: list[dict]) -> dict:
         fractions = sorted({f for r in records for f in r["results"].get(probe, {})}, key=float)
         for f in fractions:
             rows = [r["results"][probe][f] for r in records if f in r["results"].get(probe, {})]
-            out.setdefault(probe, {})[f] = {m: _stats([row[m] for row in rows])
+            out.setdefault(probe, {})[f] = {m: stats([row[m] for row in rows])
                                             for m in ("accuracy", "auc")}
     return out
 
