@@ -111,6 +111,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         finetune_epochs=60, finetune_lr=5e-4, finetune_fractions=(0.01,),
         finetune_val_fraction=0.1,  # of each class (>= 1 if it has 2), held out; 0: none
         finetune_patience=20,  # stop after this many epochs without a better one; 0: never
+        # A small labelled set trains at least this many steps (epochs and patience scaled
+        # together): 50 labels are 1 step an epoch, and 60 steps stop far from converged.
+        finetune_min_steps=500,
         finetune_max_steps=0,  # > 0: at most this many fine-tuning steps (a budget cap)
         eval_batch_size=1000,
     )
@@ -125,7 +128,7 @@ def _runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                     log_every=5, teacher_momentum=0.99, teacher_temp=0.04,
                     teacher_temp_final=0.04, warmup_epochs=0.3)
     c.site.update(num_samples=2, batch_size=256)
-    c.downstream.update(linear_steps=200, finetune_epochs=2)
+    c.downstream.update(linear_steps=200, finetune_epochs=2, finetune_min_steps=0)
     c.baselines.update(rounds=3, local_epochs=1.0)
     c.data.subset = 4000
     return c
@@ -143,7 +146,7 @@ def _tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.baselines.update(rounds=1, local_epochs=1.0)
     c.downstream.update(label_fractions=(0.5,), linear_steps=20, finetune_epochs=1,
                         finetune_fractions=(0.5,), batch_size=32, eval_batch_size=100,
-                        knn_k=5)
+                        knn_k=5, finetune_min_steps=0)
     c.data.subset = 256
     return c
 

@@ -311,7 +311,7 @@ class _Validator:
 def fit(model: models.ViTClassifier, params, source, train_idx, *, epochs: int, lr: float,
         batch_size: int, seed: int, mean: float, std: float, augment=None,
         weight_decay: float = 0.05, val_idx=None, patience: int = 0,
-        eval_batch_size: int | None = None, max_steps: int = 0):
+        eval_batch_size: int | None = None, max_steps: int = 0, min_steps: int = 0):
     """Fine-tunes every parameter (head, body, tail) on `source[train_idx]`, up to `epochs`
     epochs, keeping the parameters of the best epoch on `source[val_idx]` (`best_epoch`).
 
@@ -319,9 +319,11 @@ def fit(model: models.ViTClassifier, params, source, train_idx, *, epochs: int, 
     decay to 0 over them (an early stop does not shorten the schedule), softmax
     cross-entropy, shuffled batches (`augment` as in `data.Augment`). An epoch is
     `len(train_idx) // batch_size` steps; a labelled set smaller than `batch_size` is trained
-    in batches of its own size. `max_steps > 0` caps the steps of the whole run (a budget
-    that does not grow with the labelled set). `val_idx` None or empty: no validation, the
-    last epoch's parameters.
+    in batches of its own size. `min_steps > 0` lengthens the run of a small labelled set
+    (few steps an epoch) to at least that many steps: the epochs and the patience grow by the
+    same factor, so early stopping still waits the same share of the run. `max_steps > 0` caps
+    the steps of the whole run (a budget that does not grow with the labelled set), after
+    `min_steps`. `val_idx` None or empty: no validation, the last epoch's parameters.
 
     Returns:
       `(params, info)`: info as `best_epoch` returns it, plus "steps" (taken),
@@ -334,6 +336,10 @@ def fit(model: models.ViTClassifier, params, source, train_idx, *, epochs: int, 
         raise SMSDError(f"fine-tuning needs epochs >= 1, got {epochs}")
     batch_size = min(batch_size, len(train_idx))
     steps_per_epoch = len(train_idx) // batch_size
+    if epochs * steps_per_epoch < min_steps:
+        longer = -(-min_steps // steps_per_epoch)
+        patience = -(-patience * longer // epochs)
+        epochs = longer
     total_steps = epochs * steps_per_epoch
     if max_steps > 0:
         total_steps = min(total_steps, max_steps)
@@ -366,6 +372,7 @@ def fit(model: models.ViTClassifier, params, source, train_idx, *, epochs: int, 
                           mean=mean, std=std) if has_val else None
     params, info = best_epoch(run_epoch, validate, epochs=epochs, patience=patience)
     return params, dict(info, steps=state["step"], steps_per_epoch=steps_per_epoch,
+                        epochs_planned=epochs, patience=patience,
                         train_images=len(train_idx),
                         val_images=len(val_idx) if has_val else 0)
 
@@ -373,7 +380,8 @@ def fit(model: models.ViTClassifier, params, source, train_idx, *, epochs: int, 
 def finetune(model: models.ViTClassifier, params, source, train_idx, test_source, test_idx, *,
              epochs: int, lr: float, batch_size: int, seed: int, mean: float, std: float,
              augment=None, weight_decay: float = 0.05, val_idx=None, patience: int = 0,
-             eval_batch_size: int | None = None, max_steps: int = 0) -> dict:
+             eval_batch_size: int | None = None, max_steps: int = 0,
+             min_steps: int = 0) -> dict:
     """`fit`, then tests the parameters it keeps.
 
     Returns:
@@ -383,7 +391,8 @@ def finetune(model: models.ViTClassifier, params, source, train_idx, test_source
     params, info = fit(model, params, source, train_idx, epochs=epochs, lr=lr,
                        batch_size=batch_size, seed=seed, mean=mean, std=std, augment=augment,
                        weight_decay=weight_decay, val_idx=val_idx, patience=patience,
-                       eval_batch_size=eval_batch_size, max_steps=max_steps)
+                       eval_batch_size=eval_batch_size, max_steps=max_steps,
+                       min_steps=min_steps)
     metrics = evaluate_model(model, params, test_source, test_idx,
                              batch_size=eval_batch_size or min(batch_size, len(train_idx)),
                              mean=mean, std=std)
@@ -505,8 +514,9 @@ def evaluate_pretrained(config, head: models.ViTHead, head_params, body: models.
 
     Fine-tuning, the same for every body (random included): `validation_split` carves
     `config.downstream.finetune_val_fraction` of each class out of the labelled subset, the
-    rest trains for up to `finetune_epochs` epochs (early stop after `finetune_patience`
-    epochs without a better validation accuracy), and the test set scores the parameters of
+    rest trains for up to `finetune_epochs` epochs, at least `finetune_min_steps` steps (early
+    stop after `finetune_patience` epochs without a better validation accuracy, both scaled
+    up together for a small labelled set: `fit`), and the test set scores the parameters of
     the best validation epoch; a "finetune" entry adds `fit`'s info ("best_epoch",
     "val_accuracy" per epoch, ...).
     """
@@ -546,7 +556,8 @@ def evaluate_pretrained(config, head: models.ViTHead, head_params, body: models.
                            augment=cfg.get("augment"), val_idx=labelled[val_pos],
                            patience=cfg.finetune_patience,
                            eval_batch_size=cfg.eval_batch_size,
-                           max_steps=cfg.finetune_max_steps)
+                           max_steps=cfg.finetune_max_steps,
+                           min_steps=cfg.finetune_min_steps)
         results["finetune"][_key(fraction)] = metrics
         _report(name, "finetune", fraction, len(labelled), metrics, start)
     return results

@@ -79,6 +79,8 @@ def check_config(config) -> None:
              w.finetune_val_fraction, "must be in [0, 1) (0: no validation, the last epoch)")
     _require(w.finetune_patience >= 0, "downstream.finetune_patience", w.finetune_patience,
              "must be 0 (no early stop) or a number of epochs")
+    _require(w.finetune_min_steps >= 0, "downstream.finetune_min_steps", w.finetune_min_steps,
+             "must be 0 (epochs only) or a number of steps")
     _require(w.finetune_max_steps >= 0, "downstream.finetune_max_steps", w.finetune_max_steps,
              "must be 0 (no cap) or a number of steps")
 

@@ -314,6 +314,20 @@ def test_finetune_reports_its_epoch_and_curve_and_obeys_the_step_cap(classifier,
     json.dumps(metrics)
 
 
+def test_a_small_labelled_set_trains_at_least_min_steps_with_patience_scaled(classifier, train):
+    model, params = classifier
+    # 40 images at batch 64: 1 step an epoch; 3 epochs with patience 1 would be 3 steps.
+    _, info = downstream.fit(model, params, train, np.arange(40), epochs=3, lr=1e-3,
+                             batch_size=64, seed=0, mean=MEAN, std=STD, patience=1,
+                             val_idx=np.arange(40, 60), min_steps=12)
+    assert info["steps_per_epoch"] == 1 and info["epochs_planned"] == 12
+    assert info["patience"] == 4  # 1 epoch of 3 is a third of the run; a third of 12 is 4
+    assert info["steps"] == info["epochs_run"] >= min(12, info["best_epoch"] + 4)
+    _, large = downstream.fit(model, params, train, np.arange(256), epochs=3, lr=1e-3,
+                              batch_size=64, seed=0, mean=MEAN, std=STD, min_steps=12)
+    assert (large["epochs_planned"], large["steps"]) == (3, 12)  # already 12: unchanged
+
+
 # ---------------------------------------------------------------- protocol and table
 
 

@@ -102,7 +102,8 @@ def split_sites(labels, data_config, seed: int) -> list[np.ndarray]:
     """The sites of a simulation: the first `data_config.subset` images (all when 0), split
     into `data_config.num_sites` sites by `data_config.partition` (and `alpha`)."""
     labels = np.asarray(labels)
-    return partition(labels[:subset_size(data_config, len(labels))], data_config.partition, data_config.num_sites, seed,
+    pooled = labels[:subset_size(data_config, len(labels))]
+    return partition(pooled, data_config.partition, data_config.num_sites, seed,
                      alpha=data_config.alpha)
 
 

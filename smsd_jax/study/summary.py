@@ -107,6 +107,7 @@ def summarize(config, records: list[dict]) -> dict:
         seeds=list(s.seeds), label_fractions=list(config.downstream.label_fractions),
         finetune_fractions=list(config.downstream.finetune_fractions),
         finetune_epochs=config.downstream.finetune_epochs,
+        finetune_min_steps=config.downstream.finetune_min_steps,
         finetune_max_steps=config.downstream.finetune_max_steps,
         test_images=config.data.subset or None)
     return dict(setup=setup, table=table, cost=cost, comparisons=comparisons,
@@ -197,8 +198,9 @@ def markdown(summary: dict) -> str:
         f"FedAvg-DINO {s['fedavg_rounds']} rounds x {s['fedavg_local_epochs']:g} local epochs "
         f"(the same images seen). SMSD sites: keep {s['keep']}, M = {s['samples']}. "
         f"Seeds {s['seeds']}; cells are mean ± std over seeds (accuracy %, 10 classes). "
-        f"Fine-tuning: {s['finetune_epochs']} epochs, capped at "
-        f"{s['finetune_max_steps'] or 'no limit of'} steps. Time: "
+        f"Fine-tuning: up to {s['finetune_epochs']} epochs, at least "
+        f"{s.get('finetune_min_steps', 0)} and at most {s['finetune_max_steps'] or 'any number of'}"
+        f" steps, the best validation epoch tested. Time: "
         f"{summary.get('wall_s', 0) / 60:.1f} min, the sum of the runs' times.",
         "",
         "Fine-tune only and centralized DINO do not depend on how the sites split the data "
