@@ -48,11 +48,11 @@ def bench_server_step(config, repeats: int, steps: int) -> dict:
     k = ops.num_kept(n, config.site.keep)
     schedules = distill.make_schedules(cfg, total_steps=1000, steps_per_epoch=100)
     tx = distill.make_optimizer(cfg, schedules)
-    state = distill.init_state(jax.random.key(0), net, tx, (k, net.body.dim))
+    state = distill.init_state(jax.random.key(0), net, tx, (k, net.body.input_dim))
     step = jax.jit(distill.make_distill_step(net, tx, schedules, cfg), donate_argnums=0)
     # Real payload-like inputs are not needed for timing: the step's cost depends on shapes.
     samples = jax.random.normal(jax.random.key(1), (cfg.batch_size, config.site.num_samples, k,
-                                                    net.body.dim))
+                                                    net.body.input_dim))
     holder = [state]
 
     def run():

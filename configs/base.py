@@ -46,8 +46,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         subset=0,                # > 0: use only the first `subset` training images
     )
 
-    # The frozen head every site shares; the server never sees it.
-    c.model = dict(size="small4", patch_size=4, pos_std=0.5, dtype="float32", attention="")
+    # The frozen head every site shares; the server never sees it. head_dim: the width of the
+    # tokens it makes; 0: the body's width (model.size's), no stem; > 0: the body learns a
+    # per-token linear stem from head_dim to its width (docs/method.md, "Head and model").
+    c.model = dict(size="small4", patch_size=4, pos_std=0.5, dtype="float32", attention="",
+                   head_dim=0)
 
     # Stage 1: each site encodes its images once.
     c.site = dict(

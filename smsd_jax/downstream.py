@@ -493,9 +493,9 @@ def evaluate_body(config, head_dir, body: models.ViTBody, body_params, *, train_
       What `evaluate_pretrained` returns.
     """
     head, head_params, head_meta = consortium.load_head(head_dir)
-    if head.dim != body.dim:
+    if head.dim != body.input_dim:
         raise SMSDError(f"the head in {head_dir} makes tokens of width {head.dim} but the "
-                        f"body takes width {body.dim}; use the body trained for this head")
+                        f"body takes width {body.input_dim}; use the body trained for this head")
     for source in (train_source, test_source):
         data.checks.head_fits(consortium.image_shape(head, head_meta), head_dir, source)
     return evaluate_pretrained(config, head, head_params, body, body_params,

@@ -1,9 +1,10 @@
 """The body export: what the server sends back to the sites, once; and a timm export.
 
-An artifact (Orbax + meta.json) holding the teacher's body parameters (class token, blocks,
-final norm) and the settings needed to rebuild `ViTBody` without the server's config.
-`export_timm` writes a site's whole model (its head + the body + its tail) as a timm
-`VisionTransformer` state dict (`.npz`) and model kwargs (`.json`), for PyTorch users.
+An artifact (Orbax + meta.json) holding the teacher's body parameters (class token, stem if
+any, blocks, final norm) and the settings needed to rebuild `ViTBody` without the server's
+config. `export_timm` writes a site's whole model (its head + the body + its tail) as a timm
+`VisionTransformer` state dict (`.npz`) and model kwargs (`.json`), for PyTorch users; a
+body's stem is folded into the head there (`fold_stem`), so timm sees a plain ViT.
 """
 
 from __future__ import annotations
@@ -19,10 +20,15 @@ FORMAT = "smsd-body/1"
 
 
 def save_body(path: str | Path, body: models.ViTBody, params, **meta) -> None:
-    """Writes `params` of `body` to `path`; `meta` adds facts such as the training step."""
+    """Writes `params` of `body` to `path`; `meta` adds facts such as the training step.
+
+    A body with a stem adds `token_dim` to the meta; without one the meta is as it was before
+    stems existed (a missing `token_dim` reads as 0).
+    """
+    stem = dict(token_dim=body.token_dim) if body.token_dim else {}
     artifacts.save_artifact(path, params, dict(
         meta, format=FORMAT, dim=body.dim, depth=body.depth, heads=body.heads,
-        mlp_ratio=body.mlp_ratio))
+        mlp_ratio=body.mlp_ratio, **stem))
 
 
 def load_body(path: str | Path) -> tuple[models.ViTBody, dict, dict]:
@@ -32,7 +38,7 @@ def load_body(path: str | Path) -> tuple[models.ViTBody, dict, dict]:
         raise SMSDError(f"{path} is not a body export (format {meta.get('format')!r}, "
                         f"expected {FORMAT!r}); use the server's export folder")
     body = models.ViTBody(dim=meta["dim"], depth=meta["depth"], heads=meta["heads"],
-                          mlp_ratio=meta["mlp_ratio"])
+                          mlp_ratio=meta["mlp_ratio"], token_dim=meta.get("token_dim", 0))
     return body, params, meta
 
 
@@ -66,6 +72,28 @@ def _block(block) -> dict:
             "mlp.fc1": _linear(block["fc1"]), "mlp.fc2": _linear(block["fc2"])}
 
 
+def fold_stem(head_params, body_params) -> tuple[dict, dict]:
+    """The head and the body's stem as one head at the body's width, and the stemless body.
+
+    The stem is linear and acts on each token: `(W x + b + P) S + c = x (W S) + (b S + c) +
+    P S` with the head's patch kernel `W [p*p*C, d]`, bias `b`, position embedding `P [N, d]`
+    and the stem's kernel `S [d, D]`, bias `c`. So the head `(W S, b S + c, P S)` followed
+    by the body without its stem computes the same function. The products are taken in
+    float64 and returned as float32.
+
+    Returns:
+      `(head_params, body_params)`: `{"patch_embed": {"kernel" [p*p*C, D], "bias" [D]},
+      "pos_embed" [N, D]}` and `body_params` without `"stem"`.
+    """
+    f64 = lambda x: np.asarray(x, np.float64)
+    s, c = f64(body_params["stem"]["kernel"]), f64(body_params["stem"]["bias"])
+    embed = head_params["patch_embed"]
+    head = {"patch_embed": {"kernel": (f64(embed["kernel"]) @ s).astype(np.float32),
+                            "bias": (f64(embed["bias"]) @ s + c).astype(np.float32)},
+            "pos_embed": (f64(head_params["pos_embed"]) @ s).astype(np.float32)}
+    return head, {k: v for k, v in body_params.items() if k != "stem"}
+
+
 def timm_state_dict(head: models.ViTHead, head_params, body: models.ViTBody, body_params,
                     tail_params=None) -> dict[str, np.ndarray]:
     """Our parameters under timm's `vit_*` names and layouts, float32 NumPy arrays.
@@ -77,6 +105,8 @@ def timm_state_dict(head: models.ViTHead, head_params, body: models.ViTBody, bod
       position, so its row is zeros.
     - Linear weights `[out, in]` (torch) are our kernels `[in, out]` transposed; the fused
       `qkv` keeps its (q, k, v) x heads output order, which timm splits the same way.
+    - A body with a stem (`body.token_dim > 0`): the stem is folded into the patch and
+      position embeddings (`fold_stem`); timm's ViT, of width D, has no stem.
 
     Args:
       head, head_params: a site's `ViTHead` and its parameters (`consortium.load_head`).
@@ -84,11 +114,14 @@ def timm_state_dict(head: models.ViTHead, head_params, body: models.ViTBody, bod
       tail_params: the classification tail `{"kernel" [D, classes], "bias"}` or None.
     """
     p, dim = head.patch_size, body.dim
-    kernel = np.asarray(head_params["patch_embed"]["kernel"], np.float32)
-    if head.dim != dim or kernel.shape[1] != dim or kernel.shape[0] % (p * p):
+    shape = np.shape(head_params["patch_embed"]["kernel"])
+    if head.dim != body.input_dim or shape[1] != head.dim or shape[0] % (p * p):
         raise SMSDError(f"the head makes tokens of width {head.dim} from a patch kernel of "
-                        f"shape {kernel.shape}, but the body has width {dim}; export the body "
-                        "with the head it was trained for")
+                        f"shape {shape}, but the body takes tokens of width {body.input_dim}; "
+                        "export the body with the head it was trained for")
+    if body.token_dim:
+        head_params, body_params = fold_stem(head_params, body_params)
+    kernel = np.asarray(head_params["patch_embed"]["kernel"], np.float32)
     channels = kernel.shape[0] // (p * p)
     pos = np.asarray(head_params["pos_embed"], np.float32)
     modules = {

@@ -69,9 +69,11 @@ def run_server(config, payload_dirs: list[str | Path] | None, workdir: Layout | 
 
     # ---------------------------------------------------------------- Model and optimizer
     net = models.dino_net_from_config(config)
-    if net.body.dim != first["dim"]:
-        raise SMSDError(f"config.model.size={config.model.size!r} has width {net.body.dim} but "
-                        f"the payloads' tokens have width {first['dim']}; use the head's size")
+    if net.body.input_dim != first["dim"]:
+        raise SMSDError(f"config.model.size={config.model.size!r} with config.model.head_dim="
+                        f"{config.model.head_dim} takes tokens of width {net.body.input_dim} "
+                        f"but the payloads' tokens have width {first['dim']}; use the size and "
+                        "head_dim the consortium's head was made with")
     schedules = distill.make_schedules(cfg, total_steps, steps_per_epoch)
     tx = distill.make_optimizer(cfg, schedules)
 

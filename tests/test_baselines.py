@@ -215,6 +215,22 @@ def test_fedavg_run_and_its_cost(source, fedavg, initial_body):
     assert pre.server_flops == 2 * 2 * 2 * num_values  # rounds x (mul + add) x sites x values
 
 
+def test_fedavg_with_a_stem_trains_head_stem_and_body(source):
+    # config.model.head_dim: image DINO runs head (width 8) -> stem -> body (width 32) as one
+    # network; the stem is in the body's parameters, trained and averaged with them.
+    config = _config(rounds=1)
+    config.server.epochs = 1.0
+    config.model.head_dim = 8
+    pre = baselines.pretrain_fedavg(config, source, SITES, seed=0)
+    net = models.image_dino_net_from_config(config)
+    initial = jax.jit(net.init)(image_dino.init_key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    assert pre.head_params["pos_embed"].shape == (49, 8) and pre.body.token_dim == 8
+    assert pre.body_params["stem"]["kernel"].shape == (8, pre.body.dim)
+    assert not np.allclose(pre.body_params["stem"]["kernel"], initial["body"]["stem"]["kernel"])
+    logits = _downstream_logits(pre, source)
+    assert logits.shape == (32, 10) and np.all(np.isfinite(logits))
+
+
 # ---------------------------------------------------------------- bad input
 
 

@@ -40,17 +40,22 @@ def _expected_names(depth: int, with_head: bool) -> dict[str, tuple]:
     return names
 
 
-@pytest.fixture(scope="module")
-def model():
+def _perturbed_classifier(token_dim: int = 0):
     """A classifier with every parameter perturbed: init leaves biases at 0 and norm scales
-    at 1, which would hide a bias or scale exported to the wrong place."""
-    net = models.ViTClassifier(models.ViTHead(IMAGE, PATCH, SIZE["dim"]),
-                               models.ViTBody(**SIZE), num_classes=CLASSES)
+    at 1, which would hide a bias or scale exported to the wrong place. `token_dim` > 0: a
+    head of that width and a body with a stem."""
+    net = models.ViTClassifier(models.ViTHead(IMAGE, PATCH, token_dim or SIZE["dim"]),
+                               models.ViTBody(**SIZE, token_dim=token_dim), num_classes=CLASSES)
     params = net.init(jax.random.key(0), np.zeros((1, IMAGE, IMAGE, 1), np.float32))["params"]
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     noisy = [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
     return net, jax.tree.unflatten(treedef, noisy)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _perturbed_classifier()
 
 
 def _export(net, params, path, tail=True):
@@ -147,6 +152,41 @@ def test_timm_forward_on_the_export_equals_our_model(model, tmp_path):
     assert np.abs(logits).max() > 0.1  # a real signal, not agreement on zeros
 
 
+def test_a_stem_is_folded_into_a_plain_timm_vit_that_equals_our_model(tmp_path):
+    # Head of width 8 -> stem -> body of width 32: the export is the plain ViT of width 32
+    # (timm's names and shapes, no stem), and timm's forward on it is our forward.
+    net, params = _perturbed_classifier(token_dim=8)
+    assert params["body"]["stem"]["kernel"].shape == (8, SIZE["dim"])
+    images = fashion_mnist("test").images[:4].astype(np.float32) / 255.0
+    images = (images - MEAN) / STD
+    features = net.apply({"params": params}, images, method="features")
+    logits = net.apply({"params": params}, images)
+    path = tmp_path / "vit.npz"
+    kwargs = json.loads(_export(net, params, path).read_text())
+    assert kwargs["embed_dim"] == SIZE["dim"]
+    with np.load(path) as npz:
+        assert {name: npz[name].shape for name in npz.files} == _expected_names(
+            SIZE["depth"], with_head=True)
+        sd = {name: npz[name].astype(np.float64) for name in npz.files}
+    timm_features, timm_logits = timm_forward(sd, kwargs, images.transpose(0, 3, 1, 2))
+    np.testing.assert_allclose(timm_features, features, atol=1e-4)
+    np.testing.assert_allclose(timm_logits, logits, atol=1e-4)
+    assert np.abs(logits).max() > 0.1  # a real signal, not agreement on zeros
+
+
+def test_body_export_keeps_its_stem(tmp_path):
+    net, params = _perturbed_classifier(token_dim=8)
+    export.save_body(tmp_path / "body", net.body, params["body"], step=3)
+    body, loaded, meta = export.load_body(tmp_path / "body")
+    assert (body.dim, body.token_dim, meta["token_dim"]) == (SIZE["dim"], 8, 8)
+    jax.tree.map(np.testing.assert_array_equal, loaded, jax.device_get(params["body"]))
+    # Without a stem the meta is as before stems existed: no token_dim.
+    plain, plain_params = _perturbed_classifier()
+    export.save_body(tmp_path / "plain", plain.body, plain_params["body"], step=3)
+    body, _, meta = export.load_body(tmp_path / "plain")
+    assert "token_dim" not in meta and body.token_dim == 0
+
+
 def test_export_replaces_a_file_whole_and_leaves_no_temporary_file(model, tmp_path):
     net, params = model
     path = tmp_path / "vit.npz"
@@ -186,3 +226,6 @@ def test_export_rejects_wrong_inputs(model, tmp_path):
     wide = models.ViTBody(dim=2 * SIZE["dim"], depth=1, heads=2)
     with pytest.raises(ValueError, match="export the body with the head it was trained for"):
         export.export_timm(tmp_path / "vit.npz", net.head, params["head"], wide, params["body"])
+    stem = models.ViTBody(**SIZE, token_dim=8)  # takes tokens of width 8, the head makes 32
+    with pytest.raises(ValueError, match="takes tokens of width 8"):
+        export.export_timm(tmp_path / "vit.npz", net.head, params["head"], stem, params["body"])

@@ -134,6 +134,7 @@ def test_collapse_is_warned_about(tmp_path):
     ("--config.server.batch_size=0", "config.server.batch_size=0"),
     ("--config.model.patch_size=5", "must divide data.image_size=28"),
     ("--config.data.source=imagenet", "config.data.source='imagenet'"),
+    ("--config.model.head_dim=-1", "config.model.head_dim=-1: must be 0"),
 ])
 def test_bad_config_is_refused_before_any_work(tmp_path, override, message):
     env = dict(os.environ, PYTHONPATH=str(ROOT))

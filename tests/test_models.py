@@ -73,6 +73,100 @@ def test_head_then_body_equals_plain_vit_on_real_images():
     np.testing.assert_allclose(out, ref_out, atol=2e-5)
 
 
+# ------------------------------------------------- the stem (config.model.head_dim > 0)
+
+TOKEN_DIM = 8  # a head narrower than the body (DIM): tokens of 8 values, a stem to DIM
+
+
+def _stem_body():
+    return models.ViTBody(DIM, DEPTH, HEADS, token_dim=TOKEN_DIM)
+
+
+def _perturbed(params, key):
+    """`params` with every leaf moved off its init (zero biases would hide a wrong bias)."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(treedef, [x + 0.2 * jax.random.normal(k, x.shape)
+                                        for x, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("k", [1, 7, 24])
+def test_body_with_a_stem_is_permutation_equivariant(k):
+    tokens = jax.random.normal(jax.random.key(k), (3, k, TOKEN_DIM))
+    body = _stem_body()
+    params = body.init(jax.random.key(0), tokens)
+    assert params["params"]["stem"]["kernel"].shape == (TOKEN_DIM, DIM)
+    params = {"params": _perturbed(params["params"], jax.random.key(2))}
+    cls, out = body.apply(params, tokens)
+    assert cls.shape == (3, DIM) and out.shape == (3, k, DIM)
+    assert _max_permutation_error(body, params, tokens, jax.random.key(1)) < 1e-5
+
+
+def test_body_with_a_stem_takes_only_its_token_width():
+    body = _stem_body()
+    assert body.input_dim == TOKEN_DIM and _body().input_dim == DIM
+    with pytest.raises(ValueError, match=rf"expected \[batch, tokens, {TOKEN_DIM}\]"):
+        body.init(jax.random.key(0), jnp.zeros((1, 5, DIM)))
+
+
+def test_stem_init_keeps_the_token_scale():
+    # lecun_normal (variance 1 / token_dim), zero bias: the stem's output has the scale of
+    # its input tokens, as the blocks see tokens without a stem.
+    body = models.ViTBody(64, 1, 4, token_dim=64)
+    tokens = jax.random.normal(jax.random.key(0), (8, 49, 64))
+    params = body.init(jax.random.key(1), tokens)["params"]
+    kernel = np.asarray(params["stem"]["kernel"], np.float64)
+    np.testing.assert_array_equal(params["stem"]["bias"], 0.0)
+    assert abs(kernel.std() - 1 / 8) < 5 * (1 / 8) / np.sqrt(2 * kernel.size)
+    assert 0.8 < float(jnp.std(tokens @ kernel)) / float(jnp.std(tokens)) < 1.25
+
+
+def test_head_stem_body_equals_the_folded_plain_vit():
+    # Head at the token width + stem + body, against a head at the body's width holding the
+    # folded embeddings (W S, b S + c, P S) and the same body without its stem.
+    images = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
+    narrow = models.ViTHead(image_size=28, patch_size=4, dim=TOKEN_DIM)
+    body = _stem_body()
+    hp = _perturbed(narrow.init(jax.random.key(1), images)["params"], jax.random.key(3))
+    bp = _perturbed(body.init(jax.random.key(2), jnp.zeros((1, 49, TOKEN_DIM)))["params"],
+                    jax.random.key(4))
+    cls, out = body.apply({"params": bp}, narrow.apply({"params": hp}, images))
+    s, c = bp["stem"]["kernel"], bp["stem"]["bias"]
+    folded = {"patch_embed": {"kernel": hp["patch_embed"]["kernel"] @ s,
+                              "bias": hp["patch_embed"]["bias"] @ s + c},
+              "pos_embed": hp["pos_embed"] @ s}
+    plain_params = {k: v for k, v in bp.items() if k != "stem"}
+    wide = models.ViTHead(image_size=28, patch_size=4, dim=DIM)
+    ref_cls, ref_out = _body().apply({"params": plain_params},
+                                     wide.apply({"params": folded}, images))
+    np.testing.assert_allclose(cls, ref_cls, atol=1e-5)
+    np.testing.assert_allclose(out, ref_out, atol=1e-5)
+    assert float(jnp.abs(cls).max()) > 0.1  # a real signal, not agreement on zeros
+
+
+def test_head_dim_sets_the_token_width_and_the_stem():
+    config = base.get_config("tiny")
+    width = models.preset(config.model.size)["dim"]
+    # 0 (the default): the head at the body's width, no stem, the same parameters as before.
+    assert config.model.head_dim == 0 and models.token_width(config) == width
+    head, body = models.head_from_config(config), models.body_from_config(config)
+    assert head.dim == width and body.token_dim == 0
+    tokens = jnp.zeros((1, 5, width))
+    jax.tree.map(np.testing.assert_array_equal, body.init(jax.random.key(0), tokens),
+                 models.ViTBody(**models.preset(config.model.size)).init(jax.random.key(0),
+                                                                          tokens))
+    # > 0: the head at head_dim, and a stem in every body, even at the body's own width.
+    for head_dim in (TOKEN_DIM, width):
+        config.model.head_dim = head_dim
+        assert models.head_from_config(config).dim == head_dim
+        for net in (models.body_from_config(config), models.dino_net_from_config(config).body,
+                    models.image_dino_net_from_config(config).body):
+            assert (net.dim, net.token_dim) == (width, head_dim)
+        params = models.body_from_config(config).init(jax.random.key(0),
+                                                      jnp.zeros((1, 5, head_dim)))["params"]
+        assert params["stem"]["kernel"].shape == (head_dim, width)
+
+
 def test_attention_maps_come_from_the_same_model():
     tokens = jax.random.normal(jax.random.key(0), (2, 10, DIM))
     body = _body()

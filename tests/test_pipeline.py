@@ -71,6 +71,23 @@ def test_payload_holds_only_encrypted_tokens(tmp_path):
         assert np.mean([np.all(np.diff(p) > 0) for p in positions]) < 0.05
 
 
+def test_payload_bytes_follow_head_dim(tmp_path):
+    default = _config()
+    narrow = _config()
+    narrow.model.head_dim = 8
+    wide, _, _ = _encode(tmp_path, default, "wide", head_name="head_wide", n=32)
+    thin, _, _ = _encode(tmp_path, narrow, "thin", head_name="head_thin", n=32)
+    wide_tokens, thin_tokens = payload.read_tokens(wide), payload.read_tokens(thin)
+    width = wide_tokens.shape[-1]
+    assert width == 32 and thin_tokens.shape == wide_tokens.shape[:-1] + (8,)
+    assert payload.read_manifest(thin)["dim"] == 8
+    assert thin_tokens.nbytes * width == wide_tokens.nbytes * 8
+    # A server configured for the body's width refuses them, naming the key to set.
+    with pytest.raises(ValueError, match="head_dim=0 takes tokens of width 32 but the "
+                                         "payloads' tokens have width 8"):
+        server.run_server(default, [thin], tmp_path / "server")
+
+
 def test_payloads_from_different_heads_are_refused_naming_the_site(tmp_path):
     config = _config()
     a, _, _ = _encode(tmp_path, config, "site_a", head_name="head_a", head_seed=0, n=32)
@@ -162,11 +179,20 @@ def test_server_resumes_after_kill_and_matches_uninterrupted(tmp_path):
 
 
 def test_simulate_runs_the_whole_round_from_the_cli(tmp_path):
+    # With a narrow head: tokens of 8 values (half the 16 of a patch) into the tiny body of
+    # width 32 through its stem, in every stage, the body export and the downstream model
+    # (head -> stem -> body -> tail). The study's, the curve's and the report's tests run the
+    # round at the default head width.
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     workdir = tmp_path / "sim"
-    result = subprocess.run(_cli("--mode=simulate", workdir=workdir), cwd=ROOT, env=env,
-                            capture_output=True, text=True)
+    result = subprocess.run(_cli("--mode=simulate", "--config.model.head_dim=8",
+                                 workdir=workdir),
+                            cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert payload.read_manifest(workdir / "payloads" / "site_0")["dim"] == 8
+    body, params, meta = export.load_body(workdir / "server" / "body")
+    assert (meta["dim"], meta["token_dim"], body.input_dim) == (32, 8, 8)
+    assert np.shape(params["stem"]["kernel"]) == (8, 32)
     summary = json.loads((workdir / "results" / "simulate.json").read_text())
     names = [r["name"] for r in summary["results"]]
     assert names == ["raw pixels", "random body", "SMSD body"]
@@ -177,7 +203,6 @@ def test_simulate_runs_the_whole_round_from_the_cli(tmp_path):
     assert len(summary["payload_bytes_per_site"]) == 4
     assert sum(summary["images_per_site"]) == 256
     assert "| SMSD body |" in result.stdout
-    assert (workdir / "server" / "body" / "meta.json").exists()
     # The server's entropy is logged against ln(out_dim), so collapse is visible.
     row = json.loads((workdir / "server" / "metrics.jsonl").read_text().splitlines()[-1])
     assert 0 < row["teacher_entropy"] <= row["max_entropy"] + 1e-6

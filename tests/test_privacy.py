@@ -273,6 +273,15 @@ def test_accuracy_purity_and_auc_on_hand_cases():
 # ---------------------------------------------------------------------------------- study
 
 
+def test_points_attack_the_token_width_the_sites_send():
+    # D is the head's width: the body's by default, config.model.head_dim when it is set.
+    config = privacy_fashion.get_config("tiny")
+    width = models.preset(config.model.size)["dim"]
+    assert {p["dim"] for p in audit.points(config) if p["sweep"] != "dim"} == {width}
+    config.model.head_dim = 16
+    assert {p["dim"] for p in audit.points(config) if p["sweep"] != "dim"} == {16}
+
+
 def test_study_refuses_to_attack_with_the_images_it_attacks(tmp_path):
     config = privacy_fashion.get_config("tiny")
     config.privacy.public_split = "train"

@@ -3,9 +3,10 @@
 from smsd_jax.models.vit import (PRESETS, Attention, Block, DINOHead, DINONet, ImageDINONet,
                                  ViTBody, ViTClassifier, ViTHead, body_from_config,
                                  dino_head_from_config, dino_net_from_config, head_from_config,
-                                 image_dino_net_from_config, patchify, preset, resize_pos_embed)
+                                 image_dino_net_from_config, patchify, preset, resize_pos_embed,
+                                 token_width)
 
 __all__ = ["PRESETS", "Attention", "Block", "DINOHead", "DINONet", "ImageDINONet", "ViTBody",
            "ViTClassifier", "ViTHead", "body_from_config", "dino_head_from_config",
            "dino_net_from_config", "head_from_config", "image_dino_net_from_config", "patchify",
-           "preset", "resize_pos_embed"]
+           "preset", "resize_pos_embed", "token_width"]

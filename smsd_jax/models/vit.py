@@ -8,7 +8,8 @@ The body and `DINOHead` are initialised, and the body regularised (stochastic de
 facebookresearch/dino's `vision_transformer.py` builds them: every linear weight
 `trunc_normal_(std=0.02)` (bounds +-2, absolute), biases 0, LayerNorms (1, 0), the class
 token `trunc_normal_(std=0.02)`, and the head's weight-normalised last layer from PyTorch's
-default `Linear` init. The head (`ViTHead`) keeps its own, deliberate init.
+default `Linear` init. The head (`ViTHead`) keeps its own, deliberate init, and so does the
+body's optional stem (`ViTBody.token_dim`: the map from a narrower token width to the body's).
 """
 
 from __future__ import annotations
@@ -234,6 +235,15 @@ class ViTBody(nn.Module):
         i gets `linspace(0, drop_path, depth)[i]` (`stochastic_depth_rates`). It acts only when
         called with `deterministic=False`, with an rng stream "drop_path"; it has no
         parameters, so a body of any rate reads the same parameters.
+      token_dim: 0: the tokens come at the body's width `dim`, and there is no stem. > 0: the
+        tokens come at width `token_dim` (the head's, `config.model.head_dim`) and a learned
+        per-token linear "stem" `Dense(dim)` maps them to `dim` before the class token goes
+        in front (it acts on each token alone, so the body stays blind to order). Its kernel
+        is Flax's default `lecun_normal` (variance 1 / token_dim) with a zero bias, not
+        DINO's `trunc_normal_(0.02)`: it keeps the scale of the tokens the blocks see (the
+        head's, about 1 per value) what it is without a stem, where 0.02 would shrink them
+        to 0.02 sqrt(token_dim) of it; DINO's own input map, its patch embedding (a Conv2d),
+        is not under the 0.02 rule either.
     """
     dim: int
     depth: int
@@ -242,25 +252,37 @@ class ViTBody(nn.Module):
     dtype: jnp.dtype = jnp.float32
     attention: str | None = None
     drop_path: float = 0.0
+    token_dim: int = 0
 
     @property
     def drop_path_rates(self) -> list[float]:
         """The stochastic depth rate of each block."""
         return stochastic_depth_rates(self.drop_path, self.depth)
 
+    @property
+    def input_dim(self) -> int:
+        """The width of the tokens the body takes: `token_dim`, or `dim` without a stem."""
+        return self.token_dim or self.dim
+
     @nn.compact
     def __call__(self, tokens: jax.Array,
                  deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
-        """tokens `[B, K, D]` -> (class feature `[B, D]`, token features `[B, K, D]`).
+        """tokens `[B, K, input_dim]` -> (class feature `[B, D]`, token features `[B, K, D]`).
 
         `deterministic=False` (the student's training forward) applies stochastic depth and
         needs `rngs={"drop_path": key}` when `drop_path > 0`.
         """
-        if tokens.ndim != 3 or tokens.shape[-1] != self.dim:
+        width = self.input_dim
+        if tokens.ndim != 3 or tokens.shape[-1] != width:
+            stem = f" with a stem from width {width}" if self.token_dim else ""
             raise SMSDError(f"tokens of shape {tokens.shape} do not fit a body of width "
-                            f"{self.dim}: expected [batch, tokens, {self.dim}]")
+                            f"{self.dim}{stem}: expected [batch, tokens, {width}]")
         if not 0.0 <= self.drop_path < 1.0:
             raise SMSDError(f"drop_path must be in [0, 1), got {self.drop_path}")
+        if self.token_dim:
+            tokens = nn.Dense(self.dim, dtype=self.dtype, name="stem",
+                              kernel_init=nn.initializers.lecun_normal(),
+                              bias_init=nn.initializers.zeros)(tokens)
         cls = self.param("cls_token", trunc_normal(0.02), (1, 1, self.dim))
         cls = jnp.broadcast_to(cls, (tokens.shape[0], 1, self.dim))
         x = jnp.concatenate([cls, tokens], axis=1).astype(self.dtype)
@@ -368,18 +390,26 @@ class ViTClassifier(nn.Module):
         return feature.astype(jnp.float32)
 
 
+def token_width(config) -> int:
+    """The width of the tokens a site sends: `config.model.head_dim`, or the body's width
+    (`config.model.size`'s) when it is 0."""
+    return config.model.head_dim or preset(config.model.size)["dim"]
+
+
 def head_from_config(config) -> ViTHead:
-    """The consortium's head for `config.data` images and `config.model`."""
+    """The consortium's head for `config.data` images and `config.model`, making tokens of
+    width `token_width(config)`."""
     return ViTHead(image_size=config.data.image_size, patch_size=config.model.patch_size,
-                   dim=preset(config.model.size)["dim"], pos_std=config.model.pos_std)
+                   dim=token_width(config), pos_std=config.model.pos_std)
 
 
 def body_from_config(config) -> ViTBody:
     """The body of `config.model`, computing in `config.model.dtype`; no stochastic depth
     (the body as sites and exports use it; the server's student gets its rate from
-    `dino_net_from_config`)."""
+    `dino_net_from_config`). A `model.head_dim` > 0 gives it a stem from that width, even
+    one equal to the body's."""
     return ViTBody(**preset(config.model.size), dtype=jnp.dtype(config.model.dtype),
-                   attention=config.model.attention or None)
+                   attention=config.model.attention or None, token_dim=config.model.head_dim)
 
 
 def dino_head_from_config(config) -> DINOHead:

@@ -45,7 +45,8 @@ KNOB_COSTS = {
     "pos_std": "a small position embedding is drowned by content, so the body loses where a "
                "token came from (docs/method.md needed std 0.5)",
     "noise_std": "token noise corrupts every input of the body and of the downstream model",
-    "dim": "D is the body's width: a small D limits the model, and D < values per patch "
+    "dim": "D is the token width, the body's unless config.model.head_dim gives the body a "
+           "stem from D: without a stem a small D limits the model; D < values per patch "
            "throws content away at the site",
 }
 
@@ -73,7 +74,7 @@ def points(config) -> list[dict]:
     """The study's points: every setting at the default knobs, then each sweep value of each
     knob (other knobs at default) with `privacy.sweep_setting`."""
     p = config.privacy
-    default = dict(dim=models.preset(config.model.size)["dim"], pos_std=config.model.pos_std,
+    default = dict(dim=models.token_width(config), pos_std=config.model.pos_std,
                    keep=config.site.keep, noise_std=p.noise_std)
     out = [dict(default, setting=s, sweep="grid") for s in p.settings]
     for knob, values in p.sweeps.items():
