@@ -136,27 +136,11 @@ def test_names_and_shapes_follow_timm(model, tmp_path):
         np.testing.assert_array_equal(npz["pos_embed"][0, 0], 0.0)  # class token: no position
 
 
-def test_timm_forward_on_the_export_equals_our_model(model, tmp_path):
-    net, params = model
-    images = fashion_mnist("test").images[:4].astype(np.float32) / 255.0
-    images = (images - MEAN) / STD
-    features = net.apply({"params": params}, images, method="features")
-    logits = net.apply({"params": params}, images)
-    path = tmp_path / "vit.npz"
-    kwargs = json.loads(_export(net, params, path).read_text())
-    with np.load(path) as npz:
-        sd = {name: npz[name].astype(np.float64) for name in npz.files}
-    timm_features, timm_logits = timm_forward(sd, kwargs, images.transpose(0, 3, 1, 2))
-    np.testing.assert_allclose(timm_features, features, atol=1e-4)
-    np.testing.assert_allclose(timm_logits, logits, atol=1e-4)
-    assert np.abs(logits).max() > 0.1  # a real signal, not agreement on zeros
-
-
-def test_a_stem_is_folded_into_a_plain_timm_vit_that_equals_our_model(tmp_path):
-    # Head of width 8 -> stem -> body of width 32: the export is the plain ViT of width 32
-    # (timm's names and shapes, no stem), and timm's forward on it is our forward.
-    net, params = _perturbed_classifier(token_dim=8)
-    assert params["body"]["stem"]["kernel"].shape == (8, SIZE["dim"])
+@pytest.mark.parametrize("token_dim", [0, 8])
+def test_timm_forward_on_the_export_equals_our_model(token_dim, tmp_path):
+    # token_dim 8: head of width 8 -> stem -> body of width 32; the export is the plain ViT of
+    # width 32 (timm's names and shapes, the stem folded in), and timm's forward is ours.
+    net, params = _perturbed_classifier(token_dim=token_dim)
     images = fashion_mnist("test").images[:4].astype(np.float32) / 255.0
     images = (images - MEAN) / STD
     features = net.apply({"params": params}, images, method="features")
