@@ -1,5 +1,7 @@
 """The server's distillation step: views, learning signal, and 8 devices equal to 1."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -349,15 +351,23 @@ def test_step_freezes_the_last_layers_adam_state_and_trains_the_rest():
 
 
 class _RecordingNet:
-    """Wraps a network; records how the step calls it (deterministic, drop-path key)."""
+    """Wraps a network; records how the step calls it: at trace time the batch and the
+    deterministic flag of each call, at run time (a debug callback, so the step can be
+    jitted) the drop-path key each call gets, tagged with the call's number."""
 
     def __init__(self, net):
-        self.net, self.calls = net, []
+        self.net, self.calls, self.keys = net, [], []
 
     def apply(self, variables, x, deterministic=True, rngs=None):
-        key = None if rngs is None else np.asarray(jax.random.key_data(rngs["drop_path"]))
-        self.calls.append((x.shape[0], deterministic, key))
+        call = len(self.calls)
+        self.calls.append((x.shape[0], deterministic, rngs is not None))
+        if rngs is not None:
+            jax.debug.callback(functools.partial(self._record_key, call),
+                               jax.random.key_data(rngs["drop_path"]))
         return self.net.apply(variables, x, deterministic=deterministic, rngs=rngs)
+
+    def _record_key(self, call, key):
+        self.keys.append((call, np.asarray(key)))
 
 
 def test_student_runs_with_drop_path_teacher_without():
@@ -369,19 +379,21 @@ def test_student_runs_with_drop_path_teacher_without():
     tx = distill.make_optimizer(config.server, schedules)
     k = ops.num_kept(49, config.site.keep)
     state = distill.init_state(jax.random.key(0), net, tx, (k, net.body.dim))
-    step = distill.make_distill_step(recorder, tx, schedules, config.server)
+    step = jax.jit(distill.make_distill_step(recorder, tx, schedules, config.server))
     samples = _real_samples(config, n=8)
-    keys = []
-    for _ in range(2):  # not jitted: the keys are concrete
-        recorder.calls = []
+    for _ in range(2):
         state, _ = step(state, samples, jax.random.key(3))
-        teacher, student_global, student_local = recorder.calls
-        assert teacher[1] is True and teacher[2] is None      # teacher: no drop path
-        assert student_global[1] is False and student_local[1] is False
-        assert student_global[0] == 8 * 2 and student_local[0] == 8 * config.server.num_local
-        assert not np.array_equal(student_global[2], student_local[2])
-        keys += [student_global[2], student_local[2]]
-    assert not np.array_equal(keys[0], keys[2]) and not np.array_equal(keys[1], keys[3])
+    jax.effects_barrier()
+    teacher, student_global, student_local = recorder.calls  # traced once
+    assert teacher[1:] == (True, False)                    # teacher: no drop path
+    assert student_global[1:] == student_local[1:] == (False, True)
+    assert student_global[0] == 8 * 2 and student_local[0] == 8 * config.server.num_local
+    keys = {call: [key for c, key in recorder.keys if c == call] for call in (1, 2)}
+    assert len(keys[1]) == len(keys[2]) == 2               # one key per call per step
+    for step_keys in zip(keys[1], keys[2]):                # global and local views differ
+        assert not np.array_equal(*step_keys)
+    for call_keys in keys.values():                        # and every step draws anew
+        assert not np.array_equal(*call_keys)
 
 
 def test_drop_path_changes_the_student_not_the_teacher():

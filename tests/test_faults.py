@@ -32,9 +32,8 @@ def _flip_bytes(path: Path, count: int = 64) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate"])
-def test_damaged_shard_is_named_and_can_be_skipped(tmp_path, damage):
-    config = _config()
+def _damaged_payloads(tmp_path, config, damage: str) -> tuple[Path, Path]:
+    """A good payload (site_a) and one (site_b) whose first shard's data files are damaged."""
     good, _, _ = _encode(tmp_path, config, "site_a", n=32)
     bad, _, _ = _encode(tmp_path, config, "site_b", n=32, site_id=1)
     for victim in _data_files(bad / "shard_00000"):
@@ -42,8 +41,20 @@ def test_damaged_shard_is_named_and_can_be_skipped(tmp_path, damage):
             _flip_bytes(victim)
         else:
             victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    return good, bad
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_shard_is_named(tmp_path, damage):
+    config = _config()
+    good, bad = _damaged_payloads(tmp_path, config, damage)
     with pytest.raises(ValueError, match=r"site_b \(site 1\): shard_00000"):
         server.run_server(config, [good, bad], tmp_path / "server")
+
+
+def test_damaged_site_can_be_skipped(tmp_path):
+    config = _config()
+    good, bad = _damaged_payloads(tmp_path, config, "flip")
     config.server.skip_bad_sites = True
     with pytest.warns(UserWarning, match="skipping payload .*site_b"):
         out = server.run_server(config, [good, bad], tmp_path / "server_skip")
