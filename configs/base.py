@@ -34,14 +34,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = dict(
         source="fashion_mnist",  # fashion_mnist | medmnist | folder | tfds
         path="",                 # .npz (medmnist), folder root (folder), data_dir (tfds)
-        labels_csv="",           # folder: CSV with columns path,label (train split)
+        labels_csv="",           # folder: CSV with columns path,label (train split; multilabel:
+                                 # path and one column per finding)
         test_labels_csv="",      # folder: the same for the held-out test split
         tfds_name="",
+        # single_label (one class per image) | multilabel (F binary findings per image, some
+        # unknown: a MedMNIST .npz with [N, F] 0/1 labels, like ChestMNIST, or a folder whose
+        # CSV has a path column and one column per finding, CheXpert/NIH-style). Multi-label
+        # probes use per-finding sigmoids and report mean AUC; sites must be iid.
+        task="single_label",
+        finding_names=(),        # multilabel: the findings' names (npz) or the CSV's finding
+                                 # columns, in order; (): finding_0, ... / every column but path
+        uncertain="ignore",      # multilabel CSV, a -1 cell: ignore (masked out of loss and
+                                 # metrics) | zeros | ones; an empty cell is 0 (not mentioned)
         image_size=28,
         channels=1,
         mean=0.286, std=0.353,   # pixel normalisation after scaling to [0, 1]
         num_sites=4,
-        partition="dirichlet",   # iid | dirichlet | label
+        partition="dirichlet",   # iid | dirichlet | label (by class: single_label only)
         alpha=0.5,
         subset=0,                # > 0: use only the first `subset` training images
     )

@@ -91,10 +91,12 @@ def set_up(config, layout: Layout) -> None:
         labels = data.load_source(config.data, "train").labels
         parts = data.split_sites(labels, config.data, config.seed)
         labels = labels[:sum(map(len, parts))]
+        # Per site: images of each class, or known positives of each finding (multi-label).
+        width = labels.shape[1] if labels.ndim == 2 else int(labels.max()) + 1
         data.save_partition(layout.partition, parts, dict(
             kind=config.data.partition, alpha=config.data.alpha, seed=config.seed,
-            source=config.data.source, histogram=data.label_histogram(
-                labels, parts, int(labels.max()) + 1).tolist()))
+            source=config.data.source,
+            histogram=data.label_histogram(labels, parts, width).tolist()))
     data.load_partition(layout.partition)  # fail early on a damaged file
 
 

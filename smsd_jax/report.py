@@ -71,10 +71,12 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
 
 def accuracy_table(results: list[dict]) -> tuple[list[str], list[str], np.ndarray]:
     """(bar groups "probe fraction%", body names, accuracy % `[bodies, groups]`, NaN where
-    a body lacks a probe) from the results of `downstream.evaluate_body`/`evaluate_pixels`."""
+    a body lacks a probe) from the results of `downstream.evaluate_body`/`evaluate_pixels`;
+    multi-label results give 100 x their mean AUC (`evaluation.headline_metric`)."""
+    metric = evaluation.headline_metric(results)
     groups = [(probe, fraction) for probe in evaluation.PROBES
               for fraction in sorted({f for r in results for f in r.get(probe, {})}, key=float)]
-    table = np.array([[100 * r[p][f]["accuracy"] if f in r.get(p, {}) else math.nan
+    table = np.array([[100 * r[p][f][metric] if f in r.get(p, {}) else math.nan
                        for p, f in groups] for r in results])
     return ([f"{evaluation.PROBES[p]} {100 * float(f):g}%" for p, f in groups],
             [r["name"] for r in results], table)
@@ -124,8 +126,10 @@ def training_curves_figure(metrics: dict[str, np.ndarray]) -> Figure:
 
 
 def downstream_figure(results: list[dict]) -> Figure:
-    """Grouped bars: accuracy of each body (and raw pixels) per probe and label fraction."""
+    """Grouped bars: accuracy (multi-label: mean AUC x 100) of each body (and raw pixels) per
+    probe and label fraction."""
     groups, names, table = accuracy_table(results)
+    what = "accuracy" if evaluation.headline_metric(results) == "accuracy" else "mean AUC"
     fig = Figure(figsize=(max(6.0, 0.8 * len(groups) * len(names)), 4.5), layout="constrained")
     ax = fig.subplots()
     width = 0.8 / len(names)
@@ -136,9 +140,9 @@ def downstream_figure(results: list[dict]) -> Figure:
         ax.bar_label(bars, labels=["" if math.isnan(v) else f"{v:.1f}" for v in row],
                      fontsize=8)
     ax.set_xticks(x, groups)
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(f"test {what} ({'%' if what == 'accuracy' else 'x 100'})")
     ax.set_ylim(0, 105)
-    ax.set_title("downstream accuracy at a site (share of labels used)")
+    ax.set_title(f"downstream {what} at a site (share of labels used)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return fig

@@ -13,7 +13,8 @@ import time
 
 import numpy as np
 
-from smsd_jax import accounting, consortium, data, downstream, files, report, server, site
+from smsd_jax import (accounting, consortium, data, downstream, evaluation, files, report,
+                      server, site)
 from smsd_jax.layout import Layout
 
 
@@ -49,8 +50,8 @@ def summary_lines(summary: dict) -> str:
     """What a person reads at the end: time, bytes, the teacher's entropy, the gains."""
     timings, final = summary["timings"], summary["server"]
     random, smsd = summary["results"][1], summary["results"][2]
-    gain = lambda probe, frac: 100 * (smsd[probe][frac]["accuracy"]
-                                      - random[probe][frac]["accuracy"])
+    metric = evaluation.headline_metric(summary["results"])  # accuracy, or mean AUC
+    gain = lambda probe, frac: 100 * (smsd[probe][frac][metric] - random[probe][frac][metric])
     gains = ", ".join(f"{probe} {frac}: {gain(probe, frac):+.1f}"
                       for probe in ("linear", "knn") for frac in smsd[probe])
     return "\n".join([
@@ -60,4 +61,5 @@ def summary_lines(summary: dict) -> str:
         f"{np.mean(summary['payload_bytes_per_site']) / 2**20:.1f} MB on average",
         f"teacher entropy at the end: {final['teacher_entropy']:.2f} "
         f"(ln(out_dim) = {final['max_entropy']:.2f} is uniform collapse, 0 one-hot collapse)",
-        f"SMSD body against the random body (accuracy points): {gains}"])
+        f"SMSD body against the random body "
+        f"({'accuracy points' if metric == 'accuracy' else 'mean AUC x 100'}): {gains}"])

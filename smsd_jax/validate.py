@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 
 from smsd_jax import models, ops, sharding, site
-from smsd_jax.data import registry
+from smsd_jax.data import check_kind, registry
 from smsd_jax.errors import SMSDError
 
 
@@ -29,6 +29,8 @@ def check_config(config) -> None:
     d, m, s, v = config.data, config.model, config.site, config.server
     _require(d.source in registry.SOURCES, "data.source", d.source,
              f"use one of {registry.SOURCES}")
+    registry.check_task(d)
+    check_kind(d.partition, d.task == "multilabel")
     _require(d.channels in (1, 3), "data.channels", d.channels, "must be 1 or 3")
     _require(d.std > 0, "data.std", d.std, "must be positive")
     _require(d.num_sites >= 1, "data.num_sites", d.num_sites, "must be at least 1")

@@ -1,11 +1,12 @@
-"""Data: sources (Fashion-MNIST, MedMNIST .npz, PNG/JPEG/DICOM folders, TFDS), site
-partitions, and grain pipelines for sites and downstream training."""
+"""Data: sources (Fashion-MNIST, MedMNIST .npz, PNG/JPEG/DICOM folders, TFDS; single- or
+multi-label), site partitions, and grain pipelines for sites and downstream training."""
 
 from smsd_jax.data import checks
 from smsd_jax.data.augment import Augment
 from smsd_jax.data.augment import SiteSamples
 from smsd_jax.data.augment import ToFloat
 from smsd_jax.data.augment import augment_from_config
+from smsd_jax.data.partition import check_kind
 from smsd_jax.data.partition import dirichlet_partition
 from smsd_jax.data.partition import iid_partition
 from smsd_jax.data.partition import label_histogram
@@ -21,10 +22,13 @@ from smsd_jax.data.registry import SOURCES
 from smsd_jax.data.registry import load_source
 from smsd_jax.data.sources import ArraySource
 from smsd_jax.data.sources import ImageFolderSource
+from smsd_jax.data.sources import MultiLabelSource
 from smsd_jax.data.sources import Source
 from smsd_jax.data.sources import TfdsSource
 from smsd_jax.data.sources import fashion_mnist
 from smsd_jax.data.sources import image_folder
+from smsd_jax.data.sources import is_multilabel
 from smsd_jax.data.sources import load_image
 from smsd_jax.data.sources import medmnist_npz
+from smsd_jax.data.sources import multilabel_image_folder
 from smsd_jax.data.sources import tfds_source

@@ -26,3 +26,12 @@ def head_fits(head_shape: tuple[int, int, int], head_dir, source) -> None:
         h, w, c = head_shape
         raise SMSDError(f"{source.name}: images {source.image_shape} do not fit the head in "
                         f"{head_dir} ({h}x{w}x{c})")
+
+
+def same_task(train, test) -> None:
+    """`train` and `test` are both single-label, or both multi-label with the same findings in
+    the same order (the tail's outputs are the train split's findings)."""
+    names = [getattr(source, "finding_names", None) for source in (train, test)]
+    if names[0] != names[1]:
+        raise SMSDError(f"{train.name} has findings {names[0]} but {test.name} has {names[1]};"
+                        " give both splits the same finding columns (config.data.finding_names)")

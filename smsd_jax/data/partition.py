@@ -1,7 +1,8 @@
 """Splitting one labelled data set into sites (hospitals).
 
 A partition is a list of sorted int64 index arrays, one per site, disjoint and covering
-every index. Every split is a pure function of the labels and the seed.
+every index. Every split is a pure function of the labels and the seed. Multi-label data
+(labels [N, F]) has no class per image to split by: only "iid" takes it (`check_kind`).
 """
 
 from __future__ import annotations
@@ -18,18 +19,33 @@ from smsd_jax.errors import SMSDError
 _DIRICHLET_TRIES = 100
 
 
+def _check_sites(num_images: int, num_sites: int) -> None:
+    if not 1 <= num_sites <= num_images:
+        raise SMSDError(f"num_sites must be in [1, {num_images}] (the number of images),"
+                        f" got {num_sites}.")
+
+
 def _check(labels, num_sites: int) -> np.ndarray:
     labels = checks.integer_array(labels, "labels")
-    if not 1 <= num_sites <= labels.size:
-        raise SMSDError(f"num_sites must be in [1, {labels.size}] (the number of images),"
-                        f" got {num_sites}.")
+    _check_sites(labels.size, num_sites)
     return labels
 
 
+def check_kind(kind: str, multilabel: bool) -> None:
+    """A split of `kind` can be made of single-label (`multilabel` False) or multi-label data."""
+    if multilabel and kind in ("dirichlet", "label"):
+        raise SMSDError(f"partition kind {kind!r} splits sites by class, and multi-label data"
+                        " has no single class per image; use 'iid' (config.data.partition=iid).")
+
+
 def iid_partition(labels, num_sites: int, seed: int) -> list[np.ndarray]:
-    """Uniformly random sites of (almost) equal size; labels [N] only give N."""
-    labels = _check(labels, num_sites)
-    order = np.random.default_rng(seed).permutation(labels.size)
+    """Uniformly random sites of (almost) equal size; labels [N] (or multi-label [N, F]) only
+    give N."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or labels.shape[0] == 0:
+        labels = checks.integer_array(labels, "labels")
+    _check_sites(len(labels), num_sites)
+    order = np.random.default_rng(seed).permutation(len(labels))
     return [np.sort(part) for part in np.array_split(order, num_sites)]
 
 
@@ -82,7 +98,11 @@ def label_partition(labels, num_sites: int, seed: int) -> list[np.ndarray]:
 
 def partition(labels, kind: str, num_sites: int, seed: int, alpha: float = 0.5,
               min_size: int = 10) -> list[np.ndarray]:
-    """Dispatches to the `kind` of split: "iid", "dirichlet" (uses alpha, min_size) or "label"."""
+    """Dispatches to the `kind` of split: "iid", "dirichlet" (uses alpha, min_size) or "label".
+
+    Multi-label `labels [N, F]`: "iid" only (`check_kind`).
+    """
+    check_kind(kind, np.ndim(labels) == 2)
     if kind == "iid":
         return iid_partition(labels, num_sites, seed)
     if kind == "dirichlet":
@@ -124,8 +144,13 @@ def load_partition(path: str | os.PathLike) -> tuple[list[np.ndarray], dict]:
 
 
 def label_histogram(labels, parts: list[np.ndarray], num_classes: int) -> np.ndarray:
-    """Images per site and class: int64 [num_sites, num_classes]."""
+    """Images per site and class: int64 [num_sites, num_classes]. Multi-label `labels [N, F]`
+    (F = num_classes): known positives per site and finding."""
     labels = np.asarray(labels)
+    if labels.ndim == 2:
+        if labels.shape[1] != num_classes:
+            raise SMSDError(f"labels have {labels.shape[1]} findings, not {num_classes}.")
+        return np.stack([labels[part].sum(0) for part in parts]).astype(np.int64)
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise SMSDError(f"labels span [{labels.min()}, {labels.max()}], outside"
                         f" [0, {num_classes}); pass the right num_classes.")

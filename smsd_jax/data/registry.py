@@ -6,21 +6,45 @@ from smsd_jax.data import sources
 from smsd_jax.errors import SMSDError
 
 SOURCES = ("fashion_mnist", "medmnist", "folder", "tfds")
+# config.data.task: one class per image, or F binary findings per image (the sources that
+# read them: medmnist, folder).
+TASKS = ("single_label", "multilabel")
+MULTILABEL_SOURCES = ("medmnist", "folder")
+
+
+def check_task(data) -> None:
+    """`config.data.task` is known and, when multi-label, its source reads findings."""
+    if data.task not in TASKS:
+        raise SMSDError(f"config.data.task={data.task!r} is unknown; use one of {TASKS}")
+    if data.task == "multilabel" and data.source not in MULTILABEL_SOURCES:
+        raise SMSDError(f"config.data.task='multilabel' but config.data.source={data.source!r}"
+                        f" has one class per image; multi-label sources: {MULTILABEL_SOURCES}")
+    if data.uncertain not in sources.UNCERTAIN_POLICIES:
+        raise SMSDError(f"config.data.uncertain={data.uncertain!r} is unknown; use one of "
+                        f"{tuple(sources.UNCERTAIN_POLICIES)}")
 
 
 def load_source(data, split: str) -> sources.Source:
     """The `split` ("train" or "test") of the data set described by `config.data`.
 
+    `config.data.task="multilabel"` reads a `MultiLabelSource` (findings `data.finding_names`,
+    uncertain cells by `data.uncertain`).
+
     Raises:
-      ValueError: an unknown source, or images whose shape is not the config's.
+      ValueError: an unknown source or task, or images whose shape is not the config's.
     """
+    check_task(data)
+    multilabel = data.task == "multilabel"
+    names = tuple(data.finding_names) or None
     if data.source == "fashion_mnist":
         src = sources.fashion_mnist(split, data.path or sources.FASHION_MNIST_ROOT)
     elif data.source == "medmnist":
-        src = sources.medmnist_npz(data.path, split)
+        src = sources.medmnist_npz(data.path, split, multilabel=multilabel, finding_names=names)
     elif data.source == "folder":
         csv = data.labels_csv if split == "train" else data.test_labels_csv
-        src = sources.image_folder(data.path, csv, data.image_size, data.channels)
+        src = (sources.multilabel_image_folder(data.path, csv, data.image_size, data.channels,
+                                               names, data.uncertain) if multilabel else
+               sources.image_folder(data.path, csv, data.image_size, data.channels))
     elif data.source == "tfds":
         src = sources.tfds_source(data.tfds_name, split, data_dir=data.path or None)
     else:

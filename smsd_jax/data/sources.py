@@ -4,6 +4,11 @@ Every source has `__len__`, `__getitem__(i)` returning
 `{"image": uint8 [H, W, C], "label": int32 []}` with C in {1, 3}, and the attributes
 `num_classes`, `image_shape` (H, W, C), `labels` (int32 [N], so partitioning reads no
 pixels) and `name`. Nothing here downloads: every source reads files already on disk.
+
+A multi-label source (`MultiLabelSource`: F binary findings per image, some unknown) has
+`multilabel = True`, records `{"image", "label": float32 [F], "mask": float32 [F]}`,
+`labels` float32 [N, F] (0 where unknown), `mask` float32 [N, F] (1 = known),
+`finding_names` and `num_classes` = F; `is_multilabel(source)` tells the two kinds apart.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ FASHION_MNIST_CLASSES = (
 )
 _DICOM_SUFFIXES = (".dcm", ".dicom")
 _MAX_LISTED = 10
+# What a multi-label CSV's uncertain cell (-1) becomes: (label, mask); CheXpert's U-Ignore,
+# U-Zeros and U-Ones.
+UNCERTAIN_POLICIES = {"ignore": (0.0, 0.0), "zeros": (0.0, 1.0), "ones": (1.0, 1.0)}
 
 
 class Source(Protocol):
@@ -49,6 +57,11 @@ def _record(image: np.ndarray, label) -> dict[str, np.ndarray]:
     return {"image": image, "label": np.int32(label)}
 
 
+def is_multilabel(source) -> bool:
+    """Whether `source` gives F binary findings per image (`MultiLabelSource`), not a class."""
+    return bool(getattr(source, "multilabel", False))
+
+
 def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
@@ -57,31 +70,45 @@ def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
             f" (label {labels[bad[0]]}); fix the labels or pass the right num_classes.")
 
 
+def _check_images(images, name: str) -> np.ndarray:
+    """`images` as an array when it is uint8 [N, H, W, C] with C 1 or 3."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise SMSDError(
+            f"{name}: images must be uint8 [N, H, W, C] with C 1 or 3, got {images.dtype}"
+            f" {images.shape}; add a channel axis with images[..., None] for grayscale.")
+    return images
+
+
+def _check_count(num_images: int, num_labels: int, name: str) -> None:
+    if num_images != num_labels:
+        raise SMSDError(f"{name}: {num_images} images but {num_labels} labels; they must match.")
+    if num_images == 0:
+        raise SMSDError(f"{name}: the data set is empty; check the file or split.")
+
+
+def _read_only(values: np.ndarray) -> np.ndarray:
+    # Records are views into these arrays, which may be shared through a cache:
+    # read-only views make an in-place transform fail loudly instead of corrupting them.
+    view = values.view()
+    view.flags.writeable = False
+    return view
+
+
 class ArraySource:
     """In-memory source over `images` uint8 [N, H, W, C] (C 1 or 3) and `labels` int [N]."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int, name: str,
                  class_names: Sequence[str] | None = None):
-        images, labels = np.asarray(images), np.asarray(labels)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-            raise SMSDError(
-                f"{name}: images must be uint8 [N, H, W, C] with C 1 or 3, got {images.dtype}"
-                f" {images.shape}; add a channel axis with images[..., None] for grayscale.")
+        images, labels = _check_images(images, name), np.asarray(labels)
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
             raise SMSDError(
                 f"{name}: labels must be integers [N], got {labels.dtype} {labels.shape}.")
-        if len(images) != len(labels):
-            raise SMSDError(
-                f"{name}: {len(images)} images but {len(labels)} labels; they must match.")
-        if len(images) == 0:
-            raise SMSDError(f"{name}: the data set is empty; check the file or split.")
+        _check_count(len(images), len(labels), name)
         if class_names is not None and len(class_names) != num_classes:
             raise SMSDError(f"{name}: {len(class_names)} class names for {num_classes} classes.")
         _check_labels(labels, num_classes, name)
-        # Records are views into these arrays, which may be shared through a cache:
-        # read-only views make an in-place transform fail loudly instead of corrupting them.
-        self.images = images.view()
-        self.images.flags.writeable = False
+        self.images = _read_only(images)
         self.labels = labels.astype(np.int32)
         self.labels.flags.writeable = False
         self.num_classes = int(num_classes)
@@ -94,6 +121,53 @@ class ArraySource:
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return _record(self.images[index], self.labels[index])
+
+
+class MultiLabelSource:
+    """F binary findings per image, each known or not (a chest X-ray's 14 findings).
+
+    `images` is uint8 [N, H, W, C] or a lazy sequence of such images (`ImageFiles`) of shape
+    `image_shape`; `labels` 0/1 [N, F] with 0 wherever `mask` [N, F] is 0 (unknown: left out
+    of loss and metrics). Records: `{"image": uint8 [H, W, C], "label": float32 [F],
+    "mask": float32 [F]}`.
+    """
+
+    multilabel = True
+
+    def __init__(self, images, labels, mask, finding_names: Sequence[str], name: str,
+                 image_shape: tuple[int, int, int] | None = None):
+        if image_shape is None:
+            images = _check_images(images, name)
+            image_shape = images.shape[1:]
+        labels, mask = np.asarray(labels, np.float32), np.asarray(mask, np.float32)
+        if labels.ndim != 2 or labels.shape[1] == 0 or mask.shape != labels.shape:
+            raise SMSDError(f"{name}: labels and mask must both be [N, F] with F >= 1 findings,"
+                            f" got {labels.shape} and {mask.shape}.")
+        _check_count(len(images), len(labels), name)
+        for what, values in (("labels", labels), ("mask", mask)):
+            if not np.isin(values, (0.0, 1.0)).all():
+                raise SMSDError(f"{name}: multi-label {what} must be 0 or 1, found "
+                                f"{values[~np.isin(values, (0.0, 1.0))][0]}.")
+        if np.any(labels > mask):
+            raise SMSDError(f"{name}: a label of 1 where the mask says unknown; store unknown"
+                            " labels as 0 with mask 0.")
+        names = tuple(str(n) for n in finding_names)
+        if len(names) != labels.shape[1] or len(set(names)) != len(names):
+            raise SMSDError(f"{name}: {labels.shape[1]} findings need as many distinct names,"
+                            f" got {names}.")
+        self.images = _read_only(images) if isinstance(images, np.ndarray) else images
+        self.labels, self.mask = _read_only(labels), _read_only(mask)
+        self.finding_names = names
+        self.num_classes = len(names)
+        self.image_shape = tuple(image_shape)
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {"image": self.images[index], "label": self.labels[index],
+                "mask": self.mask[index]}
 
 
 # ---------------------------------------------------------------- Fashion-MNIST
@@ -151,12 +225,16 @@ def fashion_mnist(split: str = "train", root: str = FASHION_MNIST_ROOT) -> Array
 # ---------------------------------------------------------------- MedMNIST
 
 
-def medmnist_npz(path: str, split: str = "train") -> ArraySource:
-    """A single-label MedMNIST `.npz` (any size: 28/64/128/224; grayscale or RGB).
+def medmnist_npz(path: str, split: str = "train", multilabel: bool = False,
+                 finding_names: Sequence[str] | None = None) -> ArraySource | MultiLabelSource:
+    """A MedMNIST `.npz` (any size: 28/64/128/224; grayscale or RGB).
 
-    The file holds `{split}_images` uint8 [N, H, W] or [N, H, W, 3] and `{split}_labels`
-    [N, 1]. `num_classes` is the largest label over all splits in the file plus one, so
-    the train, val and test sources of one file agree.
+    The file holds `{split}_images` uint8 [N, H, W] or [N, H, W, 3] and `{split}_labels`.
+    Single-label (the default): labels [N, 1]; `num_classes` is the largest label over all
+    splits in the file plus one, so the train, val and test sources of one file agree.
+    `multilabel`: labels 0/1 [N, F] (ChestMNIST's 14 findings), every entry known, read as
+    a `MultiLabelSource` whose findings are `finding_names` (default "finding_0", ...; a
+    MedMNIST file does not name them).
     """
     if split not in ("train", "val", "test"):
         raise SMSDError(f"MedMNIST split must be 'train', 'val' or 'test', got {split!r}.")
@@ -173,18 +251,41 @@ def medmnist_npz(path: str, split: str = "train") -> ArraySource:
                 f"{path} has no array {key!r} (it has {sorted(arrays)}); a MedMNIST file holds"
                 " train/val/test _images and _labels: check the file and the split.")
     label_keys = [k for k in arrays if k.endswith("_labels")]
+    images = arrays[f"{split}_images"]
+    if images.ndim == 3:
+        images = images[..., None]
+    name = f"{os.path.splitext(os.path.basename(path))[0]}/{split}"
+    if multilabel:
+        return _medmnist_multilabel(path, arrays, label_keys, split, images, name,
+                                    finding_names)
     for key in label_keys:
         if arrays[key].ndim == 2 and arrays[key].shape[1] > 1:
             raise SMSDError(
                 f"{path}: {key} has shape {arrays[key].shape}, a multi-label task (like"
-                " ChestMNIST); only single-label classification is supported.")
-    images = arrays[f"{split}_images"]
-    if images.ndim == 3:
-        images = images[..., None]
+                " ChestMNIST); read it as one with --config.data.task=multilabel"
+                " (medmnist_npz(..., multilabel=True)).")
     labels = arrays[f"{split}_labels"].reshape(-1)
     num_classes = 1 + max(int(arrays[k].max(initial=0)) for k in label_keys)
-    name = f"{os.path.splitext(os.path.basename(path))[0]}/{split}"
     return ArraySource(images, labels.astype(np.int32), num_classes, name)
+
+
+def _medmnist_multilabel(path: str, arrays: dict, label_keys: list[str], split: str,
+                         images: np.ndarray, name: str,
+                         finding_names: Sequence[str] | None) -> MultiLabelSource:
+    """`medmnist_npz(multilabel=True)`: every split's labels 0/1 [N, F], one F for all."""
+    widths = {key: arrays[key].shape[1] if arrays[key].ndim == 2 else None for key in label_keys}
+    if len(set(widths.values())) != 1 or None in widths.values():
+        raise SMSDError(f"{path}: multi-label labels must be [N, F] with one F in every split, "
+                        f"got { {k: arrays[k].shape for k in label_keys} }.")
+    labels = arrays[f"{split}_labels"]
+    bad = ~np.isin(labels, (0, 1))
+    if bad.any():
+        row, column = np.argwhere(bad)[0]
+        raise SMSDError(f"{path}: {split}_labels[{row}, {column}] is {labels[row, column]};"
+                        " multi-label findings must be 0 or 1 (is this a single-label file?"
+                        " then leave config.data.task single_label).")
+    names = finding_names or [f"finding_{i}" for i in range(labels.shape[1])]
+    return MultiLabelSource(images, labels, np.ones(labels.shape, np.float32), names, name)
 
 
 # ---------------------------------------------------------------- image folders
@@ -292,6 +393,25 @@ def _parse_labels(raw: list[str], class_names: Sequence[str] | None,
     return ids, names, num_classes
 
 
+def _check_size(image_size: int, channels: int) -> None:
+    if channels not in (1, 3):
+        raise SMSDError(f"channels must be 1 or 3, got {channels}.")
+    if image_size < 1:
+        raise SMSDError(f"image_size must be positive, got {image_size}.")
+
+
+def _listed_files(root: str, paths: list[str], labels_csv: str) -> list[str]:
+    """`paths` (relative to `root`) joined to it, when every file exists (all missing named)."""
+    joined = [os.path.join(root, path) for path in paths]
+    missing = [p for p in joined if not os.path.isfile(p)]
+    if missing:
+        raise MissingInputError(
+            f"{labels_csv}: {len(missing)} of {len(paths)} listed files do not exist under"
+            f" {root}: {missing[:_MAX_LISTED]}{' ...' if len(missing) > _MAX_LISTED else ''};"
+            " fix the paths (relative to root) or remove the rows.")
+    return joined
+
+
 class ImageFolderSource:
     """Lazy source over image files listed in a CSV; decodes on `__getitem__`.
 
@@ -300,18 +420,9 @@ class ImageFolderSource:
 
     def __init__(self, root: str, labels_csv: str, image_size: int, channels: int = 1,
                  class_names: Sequence[str] | None = None):
-        if channels not in (1, 3):
-            raise SMSDError(f"channels must be 1 or 3, got {channels}.")
-        if image_size < 1:
-            raise SMSDError(f"image_size must be positive, got {image_size}.")
+        _check_size(image_size, channels)
         rows = self._read_csv(labels_csv)
-        self.paths = [os.path.join(root, path) for path, _ in rows]
-        missing = [p for p in self.paths if not os.path.isfile(p)]
-        if missing:
-            raise MissingInputError(
-                f"{labels_csv}: {len(missing)} of {len(rows)} listed files do not exist under"
-                f" {root}: {missing[:_MAX_LISTED]}{' ...' if len(missing) > _MAX_LISTED else ''};"
-                " fix the paths (relative to root) or remove the rows.")
+        self.paths = _listed_files(root, [path for path, _ in rows], labels_csv)
         self.labels, self.class_names, self.num_classes = _parse_labels(
             [label for _, label in rows], class_names, labels_csv)
         self.labels.flags.writeable = False
@@ -343,6 +454,92 @@ class ImageFolderSource:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         height, _, channels = self.image_shape
         return _record(load_image(self.paths[index], height, channels), self.labels[index])
+
+
+class ImageFiles:
+    """The images at `paths`, decoded on `__getitem__` to uint8 [image_size, image_size, channels]
+    (`load_image`): the lazy images of a `MultiLabelSource`."""
+
+    def __init__(self, paths: Sequence[str], image_size: int, channels: int):
+        _check_size(image_size, channels)
+        self.paths, self.image_size, self.channels = list(paths), image_size, channels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return load_image(self.paths[index], self.image_size, self.channels)
+
+
+def _finding_cell(text: str, uncertain: tuple[float, float]) -> tuple[float, float] | None:
+    """One CSV cell -> (label, mask), or None when it is not a finding value."""
+    if not text:
+        return 0.0, 1.0  # not mentioned: negative (CheXpert's reading of a blank)
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return {1.0: (1.0, 1.0), 0.0: (0.0, 1.0), -1.0: uncertain}.get(value)
+
+
+def _read_findings_csv(labels_csv: str, finding_names: Sequence[str] | None, uncertain: str
+                       ) -> tuple[list[str], tuple[str, ...], np.ndarray, np.ndarray]:
+    """A CSV with a `path` column and one column per finding -> (paths, names, labels, mask).
+
+    The finding columns are `finding_names` in that order, or every column but `path`.
+    """
+    if uncertain not in UNCERTAIN_POLICIES:
+        raise SMSDError(f"uncertain={uncertain!r} is not a policy for -1 cells; use one of "
+                        f"{sorted(UNCERTAIN_POLICIES)}.")
+    if not os.path.isfile(labels_csv):
+        raise MissingInputError(f"labels CSV {labels_csv} not found.")
+    with open(labels_csv, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        names = tuple(finding_names) if finding_names else tuple(c for c in header if c != "path")
+        absent = [c for c in ("path", *names) if c not in header]
+        if absent or not names:
+            raise SMSDError(f"{labels_csv}: needs a header row with a 'path' column and the "
+                            f"finding columns; missing {absent or 'any finding column'} in "
+                            f"{header}.")
+        rows = [{key: (row.get(key) or "").strip() for key in ("path", *names)}
+                for row in reader]
+    if not rows:
+        raise SMSDError(f"{labels_csv}: no rows after the header; list at least one image.")
+    empty = [i + 2 for i, row in enumerate(rows) if not row["path"]]
+    if empty:
+        raise SMSDError(f"{labels_csv}: empty path on lines {empty[:_MAX_LISTED]}.")
+    policy = UNCERTAIN_POLICIES[uncertain]
+    cells = [[_finding_cell(row[name], policy) for name in names] for row in rows]
+    bad = [(i, j) for i, row in enumerate(cells) for j, cell in enumerate(row) if cell is None]
+    if bad:
+        i, j = bad[0]
+        raise SMSDError(
+            f"{labels_csv}: row {i + 1} (line {i + 2}), column {names[j]!r} holds "
+            f"{rows[i][names[j]]!r} ({len(bad)} such cells); a finding is 1 (positive), "
+            "0 (negative), -1 (uncertain) or empty (not mentioned): fix the cells, or list the"
+            " finding columns in finding_names (config.data.finding_names).")
+    values = np.array(cells, np.float32)  # [N, F, 2]: (label, mask)
+    return [row["path"] for row in rows], names, values[..., 0], values[..., 1]
+
+
+def multilabel_image_folder(root: str, labels_csv: str, image_size: int, channels: int = 1,
+                            finding_names: Sequence[str] | None = None,
+                            uncertain: str = "ignore") -> MultiLabelSource:
+    """Folder of PNG/JPEG/DICOM files with a CheXpert/NIH-style CSV: a `path` column
+    (relative to `root`) and one column per finding (`finding_names` picks and orders them;
+    default every other column).
+
+    A cell is 1 (positive), 0 (negative), empty (not mentioned: 0, known, as CheXpert reads a
+    blank) or -1 (uncertain), which `uncertain` decides: "ignore" (mask 0: out of loss and
+    metrics), "zeros" (0) or "ones" (1). "1.0", "0.0", "-1.0" (CheXpert's spelling) are the
+    same values; anything else is refused naming the file, row and column.
+    """
+    paths, names, labels, mask = _read_findings_csv(labels_csv, finding_names, uncertain)
+    images = ImageFiles(_listed_files(root, paths, labels_csv), image_size, channels)
+    return MultiLabelSource(images, labels, mask, names,
+                            os.path.splitext(os.path.basename(labels_csv))[0],
+                            image_shape=(image_size, image_size, channels))
 
 
 def image_folder(root: str, labels_csv: str, image_size: int, channels: int = 1,
