@@ -73,6 +73,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         permute=True,        # False: no permutation (an ablation; hides nothing)
         secret_seed=-1,      # -1: drawn from the OS once, kept at the site; >= 0: site k
                              # uses secret_seed + k (reproducible simulations only)
+        # Noise on the sent tokens, fresh per value (docs/threat_model.md); at most one kind.
+        token_noise=0.0,     # > 0: std token_noise * ops.token_scale(head) (no guarantee)
+        dp_clip=0.0,         # > 0: differential privacy: each token clipped to this L2 norm,
+        dp_noise_multiplier=0.0,  # then noise of std dp_noise_multiplier * dp_clip (> 0)
+        dp_delta=1e-5,       # the delta the payload's per-image epsilon is given at
     )
 
     # Stage 2: central distillation.

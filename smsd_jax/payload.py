@@ -1,7 +1,9 @@
 """The payload format: what one site uploads, once.
 
     <payload>/manifest.json     format, site id, counts, shapes, dtype, head fingerprint,
-                                per-shard checksums, and whether the upload is complete
+                                the token noise if any (with differential privacy: its
+                                epsilon per image), per-shard checksums, and whether the
+                                upload is complete
     <payload>/shard_00000/      an artifact (Orbax + meta.json) holding tokens [n, M, K, D]
 
 Token sets only: no pixels, labels, positions, permutation keys or head weights.
@@ -28,10 +30,14 @@ def shard_name(index: int) -> str:
 
 
 def new_manifest(site_id: int, num_images: int, num_samples: int, tokens: int, dim: int,
-                 dtype: str, head_fingerprint: str, keep: float, num_patches: int) -> dict:
+                 dtype: str, head_fingerprint: str, keep: float, num_patches: int,
+                 noise: dict | None = None) -> dict:
+    """A payload's manifest before its first shard. `noise`: the site's token noise settings
+    (`site.noise_settings`); None (no noise) leaves the field out."""
+    extra = {} if noise is None else {"noise": noise}
     return dict(format=FORMAT, site_id=site_id, num_images=num_images, num_samples=num_samples,
                 tokens=tokens, dim=dim, dtype=dtype, head_fingerprint=head_fingerprint,
-                keep=keep, num_patches=num_patches, shards=[], complete=False)
+                keep=keep, num_patches=num_patches, **extra, shards=[], complete=False)
 
 
 def write_shard(path: str | Path, manifest: dict, tokens: np.ndarray) -> dict:

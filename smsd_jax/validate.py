@@ -48,6 +48,7 @@ def check_config(config) -> None:
     _require(s.payload_dtype in ("float16", "bfloat16", "float32"), "site.payload_dtype",
              s.payload_dtype, "use float16, bfloat16 or float32")
     site.check_shard_size(s)
+    site.check_noise(s)
     for key in ("global_keep", "local_keep"):
         ops.num_kept(sent, v[key], name=f"config.server.{key}", of="tokens each sample holds")
     _require(v.num_local >= 0, "server.num_local", v.num_local, "must be 0 or more")

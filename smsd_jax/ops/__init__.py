@@ -1,4 +1,4 @@
-"""Pure functional ops of SMSD: masked sampling, permutation encryption, DINO math.
+"""Pure functional ops of SMSD: masked sampling, permutation encryption, token noise, DINO math.
 
 No Flax, no I/O. Every function is `jit`/`vmap`-safe and keyed by `jax.random` keys.
 
@@ -9,8 +9,10 @@ No Flax, no I/O. Every function is `jit`/`vmap`-safe and keyed by `jax.random` k
 from smsd_jax.ops.dino import (dino_loss, ema, linear_warmup, teacher_entropy, update_center,
                                warmup_cosine)
 from smsd_jax.ops.masking import encrypt, mask_sample, num_kept, permute, unpermute
+from smsd_jax.ops.noise import add_token_noise, clip_tokens, gaussian_dp, token_scale
 
 __all__ = [
-    "dino_loss", "ema", "encrypt", "linear_warmup", "mask_sample", "num_kept", "permute",
-    "teacher_entropy", "unpermute", "update_center", "warmup_cosine",
+    "add_token_noise", "clip_tokens", "dino_loss", "ema", "encrypt", "gaussian_dp",
+    "linear_warmup", "mask_sample", "num_kept", "permute", "teacher_entropy", "token_scale",
+    "unpermute", "update_center", "warmup_cosine",
 ]
