@@ -34,9 +34,10 @@ def test_answers_name_the_first_budget_that_beats_each_reference():
                        for b, acc in (("1", 0.70), ("2", 0.76), ("4", 0.81), ("8", 0.83))},
               "centralized_dino": {"4": {"linear": {"0.1": _stats(0.80)}, "knn": {}}}}
     references = {"raw_pixels": {"linear": {"0.1": _stats(0.803)}, "knn": {}},
-                  "random_body": {"linear": {}, "knn": {}},
+                  "random_body": {"linear": {"0.1": _stats(0.75)}, "knn": {}},
                   "finetune_only": {"finetune": {"0.1": _stats(0.9)}}}
     lines = curve.answers(curves, references)
+    assert "linear 10%: SMSD beats the random body (75.0) from 2 epochs" in lines
     assert "linear 10%: SMSD beats raw pixels (80.3) from 4 epochs" in lines
     assert ("linear 10%: SMSD does not beat fine-tune only (90.0) within 8 epochs "
             "(best 83.0 at 8)") in lines

@@ -148,10 +148,12 @@ def _first_beat(points: list[tuple[float, float]], reference: float, what: str) 
 
 
 def answers(curves: dict, references: dict) -> list[str]:
-    """Sentences a person reads: from what budget SMSD's mean beats raw pixels and converged
-    fine-tune only (each probe and fraction), and its gap to centralized DINO per budget."""
+    """Sentences a person reads: from what budget SMSD's mean beats raw pixels, the random
+    body and converged fine-tune only (each probe and fraction), and its gap to centralized
+    DINO per budget."""
     smsd, central = curves.get("smsd", {}), curves.get("centralized_dino", {})
-    finetune = references["finetune_only"]["finetune"]
+    finetune, random_body = (references["finetune_only"]["finetune"],
+                             references["random_body"])
     lines = []
     for probe in ("linear", "knn"):
         for f, pixels in references["raw_pixels"][probe].items():
@@ -160,6 +162,9 @@ def answers(curves: dict, references: dict) -> list[str]:
             if not points:
                 continue
             lines.append(f"{where}: {_first_beat(points, pixels['mean'], 'raw pixels')}")
+            if f in random_body[probe]:
+                untrained = random_body[probe][f]["mean"]
+                lines.append(f"{where}: {_first_beat(points, untrained, 'the random body')}")
             if f in finetune:
                 lines.append(f"{where}: "
                              f"{_first_beat(points, finetune[f]['mean'], 'fine-tune only')}")
