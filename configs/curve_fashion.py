@@ -8,10 +8,11 @@ per budget), on the first 5,000 train images over 4 Dirichlet (alpha 0.5) sites;
 teachers are probed with a linear probe and k-NN at 1% and 10% of the labels, tested on the
 first 5,000 test images. SMSD: 2 seeds; the baselines, raw pixels, the random body and
 fine-tune only (trained to convergence on the same labels): seed 0.
-CPU budget: under an hour on 2 cores, chosen from the measured rates (SMSD's server about
-230 images/s, image DINO about 90 images/s at 2.6x the FLOPs per image): 15 epochs of 5,000
-images per method and seed, so that it runs beside other work in one session. The same
-plan at 10,000 images or with a 16-epoch budget is about twice as long. Writes
+CPU budget: planned at under an hour on 2 free cores from the measured rates (SMSD's server
+about 230 images/s, image DINO about 90 images/s at 2.6x the FLOPs per image): 15 epochs of
+5,000 images per method and seed. Measured on 2026-12-02: 125.5 min beside the test suite and
+the quickstart (results/curve.md). Its longest budget is 312 steps of 128, inside DINO's
+early phase (README, "When does the single round pay?"). Writes
 results/curve.{json,md,png}; the measured time is in curve.md.
 
 Variants (comma-separated after the file name, applied in the order given):
