@@ -59,8 +59,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The frozen head every site shares; the server never sees it. head_dim: the width of the
     # tokens it makes; 0: the body's width (model.size's), no stem; > 0: the body learns a
     # per-token linear stem from head_dim to its width (docs/method.md, "Head and model").
+    # constant_patches "unplaced": a patch of equal values (blank background) is sent
+    # without its position (models.ViTHead; docs/threat_model.md says what it hides).
     c.model = dict(size="small4", patch_size=4, pos_std=0.5, dtype="float32", attention="",
-                   head_dim=0)
+                   head_dim=0, constant_patches="placed")
 
     # Stage 1: each site encodes its images once.
     c.site = dict(

@@ -12,20 +12,22 @@ D (8, 16, 32, 128 against 16 values per patch), position std (0.02, 0.1, 0.5), k
 0.5, 1.0) and token noise std (0, 0.1, 0.5). Writes WORKDIR/results/privacy.{json,md} and
 reconstructions_{public,secret}.png.
 
-Hardware and time: 2 CPU cores shared with other jobs (load average about 4), 6.5 min
-(measured 2026-11-26; budget 10 min). Expected (positions and images scored up to a left-right
-mirror, because the site's augmentation mirrors at random):
+Hardware and time: 2 CPU cores shared with another job, 12.8 min (measured 2026-12-02; budget
+15 min). Expected (positions and images scored up to a left-right mirror, because the site's
+augmentation mirrors at random):
 - head public, every setting: positions 100% (D 16: 99.9%, D 8: 90%); with keep 1 the image
   exactly (91 dB: only the float16 payload's rounding), with keep 0.5 every kept patch exactly
   (13.8 dB, SSIM 0.43, the rest filled with the public mean).
-- head secret, default "both": a learned attacker with its own head is at chance (3% vs 2%;
-  with the leaked head 100%); k-means on the tokens off their top 16 principal directions
-  groups them by position with 90% purity (content alone: 8%); estimating the head from the
-  payload's moments names 63% of positions and rebuilds 11.6 dB / SSIM 0.23 (public mean image
-  10.8 dB / 0.13). "none" (grid order): the head comes back from moments, 23.9 dB / SSIM 0.89.
-  "reused": 96% of positions, 12.6 dB / 0.30.
+- head secret, default "both": blank patches repeat one exact token per position (17% of the
+  tokens); named by which are blank together in public images, they anchor every token, and
+  the head estimated from the anchored groups names 93% of positions and rebuilds 12.9 dB /
+  SSIM 0.31 (public mean image 10.8 dB / 0.13). The same anchors name 50% at D 16 and 43% at
+  D 8. A learned attacker with its own head stays at chance (3%). "none" (grid order): the
+  head comes back from moments, 23.9 dB / SSIM 0.89.
+- `constant_patches` unplaced (blank patches sent without position) at D 128: 16%.
 - linkage of an image's two samples: ROC AUC 0.75-0.92 in every setting, head or not.
-- near chance with the head secret: only D <= 16 values per patch (D 8, 16).
+- near chance with the head secret: no setting of this sweep (results/frontier.md combines
+  a narrow head with unplaced blanks).
 
 Variants (comma-separated after the path, applied in order; each is configs/base.py's, then
 fewer images and attack steps): `:tiny` (seconds; tests), `:runlocal` (2 min on the same
@@ -74,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         settings=("none", "permutation", "masking", "both", "reused"),
         sweep_setting="both",
         sweeps=dict(dim=(8, 16, 32, 128), pos_std=(0.02, 0.1, 0.5), keep=(0.25, 0.5, 1.0),
-                    noise_std=(0.0, 0.1, 0.5)),
+                    noise_std=(0.0, 0.1, 0.5), constant_patches=("placed", "unplaced")),
         noise_std=0.0,             # default token noise (std of N(0, std^2) added per value)
         attacker=dict(hidden=256, steps=800, batch_size=512, lr=1e-3),
         # Head secret, moment matching (attacks.estimate_head): Adam steps for the first fit,

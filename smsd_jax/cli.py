@@ -37,6 +37,8 @@ MODES = {
     "study": "SMSD against fine-tune only, FedAvg-DINO and centralized DINO (config.study)",
     "curve": "the learning curve: probes of each method at increasing pre-training budgets "
              "(config.curve)",
+    "frontier": "the privacy-utility frontier: accuracy and attacks for each privacy setting "
+                "(config.frontier)",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py"
@@ -105,6 +107,8 @@ def run(argv) -> None:
         study.run_study(config, layout)
     elif mode == "curve":
         study.run_curve(config, layout)
+    elif mode == "frontier":
+        privacy.run_frontier(config, layout)
 
 
 def _expected(error: BaseException | None):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from smsd_jax import artifacts, data, files, models
 from smsd_jax.errors import SMSDError
@@ -23,9 +24,12 @@ from smsd_jax.layout import Layout
 FORMAT = "smsd-head/1"
 
 
-def head_fingerprint(params) -> str:
-    """A short hash that identifies the head's weights and does not reveal them."""
-    return artifacts.tree_checksum(params)[:16]
+def head_fingerprint(params, constant_patches: str = "placed") -> str:
+    """A short hash that identifies the head (its weights, and its rule for constant patches
+    when that is not the default) and does not reveal it."""
+    tree = params if constant_patches == "placed" else dict(
+        params, constant_patches=np.frombuffer(constant_patches.encode(), np.uint8))
+    return artifacts.tree_checksum(tree)[:16]
 
 
 def init_head(config, path: str | Path, secret_seed: int | None = None) -> str:
@@ -42,11 +46,11 @@ def init_head(config, path: str | Path, secret_seed: int | None = None) -> str:
     head = models.head_from_config(config)
     images = jnp.zeros((1, head.image_size, head.image_size, config.data.channels))
     params = head.init(jax.random.key(seed), images)["params"]
-    fingerprint = head_fingerprint(params)
+    fingerprint = head_fingerprint(params, head.constant_patches)
     artifacts.save_artifact(path, params, dict(
         format=FORMAT, fingerprint=fingerprint, image_size=head.image_size,
         patch_size=head.patch_size, dim=head.dim, pos_std=head.pos_std,
-        channels=config.data.channels))
+        constant_patches=head.constant_patches, channels=config.data.channels))
     return fingerprint
 
 
@@ -68,13 +72,15 @@ def load_head(path: str | Path, expected_fingerprint: str | None = None):
     if meta.get("format") != FORMAT:
         raise SMSDError(f"{path} is not a head written by init (format {meta.get('format')!r},"
                         f" expected {FORMAT!r})")
-    if head_fingerprint(params) != meta["fingerprint"]:
+    constant_patches = meta.get("constant_patches", "placed")  # heads before the option
+    if head_fingerprint(params, constant_patches) != meta["fingerprint"]:
         raise SMSDError(f"{path}: the head's weights do not match its fingerprint")
     if expected_fingerprint and meta["fingerprint"] != expected_fingerprint:
         raise SMSDError(f"{path}: head fingerprint {meta['fingerprint']} is not the "
                         f"consortium's {expected_fingerprint}; get the head from the consortium")
     head = models.ViTHead(image_size=meta["image_size"], patch_size=meta["patch_size"],
-                          dim=meta["dim"], pos_std=meta["pos_std"])
+                          dim=meta["dim"], pos_std=meta["pos_std"],
+                          constant_patches=constant_patches)
     return head, params, meta
 
 

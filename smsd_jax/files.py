@@ -66,6 +66,19 @@ def save_figure(path: str | os.PathLike, figure, dpi: int = 100) -> Path:
     return atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=dpi))
 
 
+def write_results(folder: str | os.PathLike, stem: str, summary: Any, text: str,
+                  figure) -> list[Path]:
+    """A study's `stem.json` (summary), `stem.md` (text) and `stem.png` (figure) in
+    `folder`, each printed as it is written."""
+    folder = Path(folder)
+    paths = [write_json(folder / f"{stem}.json", summary),
+             write_text(folder / f"{stem}.md", text),
+             save_figure(folder / f"{stem}.png", figure)]
+    for path in paths:
+        print(f"{stem}: {path}")
+    return paths
+
+
 def save_npz(path: str | os.PathLike, **arrays) -> Path:
     """`np.savez` of `arrays` (imported here lazily: files.py needs no NumPy otherwise)."""
     import numpy as np

@@ -213,3 +213,7 @@ def test_export_rejects_wrong_inputs(model, tmp_path):
     stem = models.ViTBody(**SIZE, token_dim=8)  # takes tokens of width 8, the head makes 32
     with pytest.raises(ValueError, match="takes tokens of width 8"):
         export.export_timm(tmp_path / "vit.npz", net.head, params["head"], stem, params["body"])
+    unplaced = net.head.clone(constant_patches="unplaced")
+    with pytest.raises(ValueError, match="a timm ViT cannot do"):
+        export.export_timm(tmp_path / "vit.npz", unplaced, params["head"], net.body,
+                           params["body"])

@@ -73,6 +73,35 @@ def test_head_then_body_equals_plain_vit_on_real_images():
     np.testing.assert_allclose(out, ref_out, atol=2e-5)
 
 
+
+def test_unplaced_head_sends_constant_patches_without_their_position():
+    """On real images: a blank (constant) patch's token is `W x` alone, the same at every
+    position; every other patch keeps `W x + P`; without constant patches both rules agree."""
+    images = fashion_mnist("test").images[:8].astype(np.float32) / 255.0
+    placed = models.ViTHead(image_size=28, patch_size=4, dim=DIM)
+    unplaced = placed.clone(constant_patches="unplaced")
+    params = placed.init(jax.random.key(0), images)["params"]
+    a, b = (np.asarray(h.apply({"params": params}, images)) for h in (placed, unplaced))
+    patches = np.asarray(models.patchify(jnp.asarray(images), 4))
+    constant = patches.max(-1) == patches.min(-1)
+    assert 0.1 < constant.mean() < 0.9  # real images: blank borders and a garment
+    pos = np.asarray(params["pos_embed"])
+    np.testing.assert_allclose(b[~constant], a[~constant], atol=1e-6)
+    np.testing.assert_allclose(b[constant], (a - pos)[constant], atol=1e-5)
+    blank = b[constant & (patches.max(-1) == 0)]
+    np.testing.assert_allclose(blank, np.broadcast_to(blank[0], blank.shape), atol=1e-6)
+    placed_blank = a[constant & (patches.max(-1) == 0)]
+    assert len(np.unique(placed_blank.round(4), axis=0)) > 10  # one per blank position
+    noisy = images + np.random.default_rng(0).uniform(0, 1e-3, images.shape).astype(np.float32)
+    np.testing.assert_allclose(unplaced.apply({"params": params}, noisy),
+                               placed.apply({"params": params}, noisy), atol=1e-6)
+
+
+def test_unknown_constant_patches_rule_is_refused():
+    head = models.ViTHead(image_size=28, patch_size=4, dim=DIM, constant_patches="hidden")
+    with pytest.raises(Exception, match="constant_patches='hidden'; use one of"):
+        head.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+
 # ------------------------------------------------- the stem (config.model.head_dim > 0)
 
 TOKEN_DIM = 8  # a head narrower than the body (DIM): tokens of 8 values, a stem to DIM

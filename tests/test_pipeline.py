@@ -88,6 +88,33 @@ def test_payload_bytes_follow_head_dim(tmp_path):
         server.run_server(default, [thin], tmp_path / "server")
 
 
+def test_unplaced_head_round_trips_and_changes_the_fingerprint(tmp_path):
+    """The rule for constant patches is part of the head: written, read back, and in the
+    fingerprint, so a site that sends placed blanks is refused beside unplaced ones."""
+    placed, unplaced = _config(), _config()
+    unplaced.model.constant_patches = "unplaced"
+    a, head_a, _ = _encode(tmp_path, placed, "site_a", head_name="head_a", n=32)
+    b, head_b, _ = _encode(tmp_path, unplaced, "site_b", head_name="head_b", n=32, site_id=1)
+    (ha, pa, ma), (hb, pb, mb) = consortium.load_head(head_a), consortium.load_head(head_b)
+    assert (ha.constant_patches, hb.constant_patches) == ("placed", "unplaced")
+    assert mb["constant_patches"] == "unplaced"
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)))
+    assert ma["fingerprint"] != mb["fingerprint"]
+    manifests = {str(a): payload.read_manifest(a), str(b): payload.read_manifest(b)}
+    with pytest.raises(ValueError, match=r"site_b \(site 1\) has head_fingerprint"):
+        payload.check_agree(manifests)
+    # Blank patches: many exact repeats of one token per blank position when placed, a few
+    # position-free values when not.
+    def repeats(path):
+        tokens = payload.read_tokens(path).reshape(-1, 32)
+        _, counts = np.unique(tokens, axis=0, return_counts=True)
+        return np.sort(counts)[::-1]
+    placed_counts, unplaced_counts = repeats(a), repeats(b)
+    assert (placed_counts >= 5).sum() > 10
+    assert unplaced_counts[0] > placed_counts[0]  # the blanks of every position in one value
+    assert (unplaced_counts >= 5).sum() < (placed_counts >= 5).sum()
+
+
 def test_payloads_from_different_heads_are_refused_naming_the_site(tmp_path):
     config = _config()
     a, _, _ = _encode(tmp_path, config, "site_a", head_name="head_a", head_seed=0, n=32)

@@ -160,6 +160,69 @@ def test_residual_clustering_groups_tokens_by_position_without_the_head():
     assert leakage.cluster_purity(residual, truth) > leakage.cluster_purity(raw, truth) + 0.2
 
 
+def _payload(dim: int, victims: np.ndarray, constant_patches: str = "placed"):
+    """The default payload (keep 0.5, shuffled) of `victims` under a secret head: (sent
+    [S, K, D] in float16's values, positions [S, K])."""
+    head, params = _head(dim, 1)
+    head = head.clone(constant_patches=constant_patches)
+    tokens = np.asarray(head.apply({"params": params}, (victims - MEAN) / STD))
+    sent, positions = ops.encrypt(jax.random.key(3), jnp.asarray(
+        tokens.astype(np.float16).astype(np.float32)), 0.5)
+    return np.asarray(sent), np.asarray(positions)
+
+
+def _blank_anchor_attack(dim: int, victims: np.ndarray, constant_patches: str = "placed"):
+    """Head secret: repeated tokens named by co-occurrence against public blanks, then every
+    token grouped with its anchor. -> (repeated groups, names, anchor groups, truth)."""
+    sent, positions = _payload(dim, victims, constant_patches)
+    s, k, _ = sent.shape
+    flat, truth = sent.reshape(-1, dim), positions.reshape(-1)
+    values, repeated = attacks.repeated_tokens(flat, N, min_count=s // 50)
+    present = np.zeros((s, len(values)), bool)
+    present[np.repeat(np.arange(s), k)[repeated >= 0], repeated[repeated >= 0]] = True
+    public = attacks.blank_patches(_patches(_images("test", 1000)))
+    names = attacks.name_by_cooccurrence(present, public, k)
+    groups, _ = attacks.anchor_groups(flat, values, P, extra=N - len(values))
+    return repeated, names, groups, truth
+
+
+def test_blank_patches_repeat_one_token_per_position_at_any_width():
+    # A blank patch is x W + o_n with x fixed: one exact value per blank position, whatever D.
+    for dim in (8, 128):
+        repeated, names, _, truth = _blank_anchor_attack(dim, _images("train", 600))
+        hit = repeated >= 0
+        assert hit.mean() > 0.1
+        assert leakage.cluster_purity(repeated[hit], truth[hit]) == 1.0
+        # Named from which positions are blank together in public images: most are right.
+        assert leakage.position_accuracy(names[repeated[hit]], truth[hit]) > 0.6
+
+
+def test_blank_anchors_group_every_token_by_position_without_the_head():
+    victims = _images("train", 600)
+    _, _, wide, truth = _blank_anchor_attack(128, victims)
+    assert leakage.cluster_purity(wide, truth) > 0.9  # D > P: exact off the content
+    _, _, narrow, truth = _blank_anchor_attack(16, victims)
+    assert leakage.cluster_purity(narrow, truth) > 0.3  # D = P: the nearest anchor, still far
+    # above what content alone groups
+    content = attacks.kmeans(jax.random.key(0), jnp.asarray(
+        _patches(victims).reshape(-1, P)[:len(truth)]), k=N, iters=15)
+    assert leakage.cluster_purity(content, np.tile(np.arange(N), len(victims))[:len(truth)]) < 0.2
+
+
+def test_unplaced_constant_patches_take_the_anchors_away():
+    # Blank patches sent without their position are one value for every position: no anchor
+    # to name or to group around (placed, the same attack groups 51% of tokens here).
+    victims = _images("train", 600)
+    repeated, names, groups, truth = _blank_anchor_attack(16, victims, "unplaced")
+    hit = repeated >= 0
+    assert leakage.position_accuracy(names[repeated[hit]], truth[hit]) < CHANCE + 0.05
+    _, positions = _payload(16, victims, "unplaced")
+    content = np.take_along_axis(_patches(victims), positions[..., None], axis=1)
+    content_only = leakage.cluster_purity(attacks.kmeans(
+        jax.random.key(0), jnp.asarray(content.reshape(-1, P)), k=N, iters=15), truth)
+    assert leakage.cluster_purity(groups, truth) < content_only + 0.08
+
+
 def test_a_secret_head_is_estimated_from_moments_when_positions_are_known():
     # All tokens in grid order (no permutation): each position's token covariance is
     # W^T S_n W, and public patches give S_n. That pins W down, sign included, without the head.

@@ -111,6 +111,9 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
     return x.reshape(b, (h // patch_size) * (w // patch_size), patch_size * patch_size * c)
 
 
+CONSTANT_PATCHES = ("placed", "unplaced")  # ViTHead.constant_patches
+
+
 class ViTHead(nn.Module):
     """A site's head: tokens `t_i = W x_i + P_i` for all `N` patches of an image.
 
@@ -124,6 +127,10 @@ class ViTHead(nn.Module):
         True (image DINO's multi-crop): any height and width that are multiples of
         `patch_size`; the position grid is resized to the image's patch grid (bicubic, as
         DINO). The parameters are the same either way, so one set serves both heads.
+      constant_patches: "placed" (every token is `W x_i + P_i`) or "unplaced": a patch whose
+        values are all equal (blank background, a saturated area) gets `W x_i` alone, no
+        position. Placed, every blank patch at position i gives the same token, so the payload
+        shows which positions of each image are blank, whatever the head (docs/threat_model.md).
     """
     image_size: int
     patch_size: int
@@ -131,6 +138,7 @@ class ViTHead(nn.Module):
     pos_std: float = 0.5
     dtype: jnp.dtype = jnp.float32
     interpolate_pos: bool = False
+    constant_patches: str = "placed"
 
     @property
     def num_patches(self) -> int:
@@ -143,13 +151,20 @@ class ViTHead(nn.Module):
         if images.ndim != 4 or (images.shape[1:3] != native and not self.interpolate_pos):
             raise SMSDError(f"images of shape {images.shape} do not match the head: expected "
                             f"[batch, {self.image_size}, {self.image_size}, channels]")
+        if self.constant_patches not in CONSTANT_PATCHES:
+            raise SMSDError(f"constant_patches={self.constant_patches!r}; use one of "
+                            f"{CONSTANT_PATCHES}")
         patches = patchify(images.astype(self.dtype), self.patch_size)
         tokens = nn.Dense(self.dim, dtype=self.dtype, name="patch_embed")(patches)
         pos = self.param("pos_embed", nn.initializers.normal(self.pos_std),
                          (self.num_patches, self.dim))
         side = self.image_size // self.patch_size
         grid = (images.shape[1] // self.patch_size, images.shape[2] // self.patch_size)
-        return tokens + resize_pos_embed(pos, side, grid).astype(self.dtype)
+        pos = resize_pos_embed(pos, side, grid).astype(self.dtype)
+        if self.constant_patches == "unplaced":
+            placed = jnp.max(patches, axis=-1) > jnp.min(patches, axis=-1)  # [B, N]
+            return tokens + jnp.where(placed[..., None], pos, 0)
+        return tokens + pos
 
 
 def resize_pos_embed(pos: jax.Array, side: int, grid: tuple[int, int]) -> jax.Array:
@@ -400,7 +415,8 @@ def head_from_config(config) -> ViTHead:
     """The consortium's head for `config.data` images and `config.model`, making tokens of
     width `token_width(config)`."""
     return ViTHead(image_size=config.data.image_size, patch_size=config.model.patch_size,
-                   dim=token_width(config), pos_std=config.model.pos_std)
+                   dim=token_width(config), pos_std=config.model.pos_std,
+                   constant_patches=config.model.constant_patches)
 
 
 def body_from_config(config) -> ViTBody:

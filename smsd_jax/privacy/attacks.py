@@ -373,8 +373,7 @@ def remove_top_components(tokens, num: int) -> np.ndarray:
         raise SMSDError(f"cannot remove {num} of {tokens.shape[1]} directions: nothing would "
                         "be left; this attack needs D > values per patch")
     centred = tokens - tokens.mean(0)
-    _, vectors = np.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
-    return centred @ vectors[:, :tokens.shape[1] - num]
+    return centred @ remove_top_basis(centred, num)
 
 
 class GroupMoments(NamedTuple):
@@ -574,3 +573,132 @@ def linkage_scores(a: jax.Array, b: jax.Array) -> dict[str, jax.Array]:
     d = jnp.sqrt(jnp.maximum(d2, 0.0))  # [S, K, K]
     chamfer = 0.5 * (d.min(2).mean(1) + d.min(1).mean(1))
     return {"mean_token": -jnp.linalg.norm(a.mean(1) - b.mean(1), axis=-1), "chamfer": -chamfer}
+
+
+# ------------------------------------------------------- blank-patch anchors (head secret)
+
+
+def repeated_tokens(tokens, max_groups: int, min_count: int = 3) -> tuple[np.ndarray,
+                                                                          np.ndarray]:
+    """The payload's exact repeats: tokens `[T, D]` -> (values `[G, D]`, groups `[T]`).
+
+    A patch whose pixels are all one value (blank background) gives the same token at the
+    same position in every image: `x W + o_n` with `x` fixed, so one exact value per blank
+    position, repeated across images whatever the head and its width. Returns the `G <=
+    max_groups` values repeated most (at least `min_count` times), most frequent first, and
+    each token's group (-1: not one of them).
+    """
+    tokens = np.ascontiguousarray(np.asarray(tokens))
+    rows = tokens.view(np.dtype((np.void, tokens.dtype.itemsize * tokens.shape[1]))).ravel()
+    _, first, inverse, counts = np.unique(rows, return_index=True, return_inverse=True,
+                                          return_counts=True)
+    top = [g for g in np.argsort(-counts, kind="stable")[:max_groups] if counts[g] >= min_count]
+    groups = np.full(len(tokens), -1)
+    for rank, g in enumerate(top):
+        groups[inverse.ravel() == g] = rank
+    return tokens[first[top]].astype(np.float64), groups
+
+
+def blank_patches(patches) -> np.ndarray:
+    """Public patches `[S, N, P]` -> `[S, N]` bool: the patch is the data's most common constant
+    patch (blank background), the one that `repeated_tokens` finds in a payload."""
+    patches = np.asarray(patches)
+    constant = patches.max(-1) == patches.min(-1)
+    values, counts = np.unique(patches[..., 0][constant], return_counts=True)
+    if not len(values):
+        return np.zeros(patches.shape[:2], bool)
+    return constant & (patches[..., 0] == values[counts.argmax()])
+
+
+def name_by_cooccurrence(present, public_blank, kept: int, seed: int = 0,
+                         restarts: int = 8) -> np.ndarray:
+    """Names groups of repeated tokens (one blank position each) from which groups appear
+    together in a sample, against which positions are blank together in public images.
+
+    Masking keeps each position with probability `K/N` and each pair with `K(K-1)/(N(N-1))`,
+    whatever the content, so the payload's rates of each group and each pair, divided by those,
+    estimate the public rates of blank at each position and pair. Neighbouring positions are
+    blank together far more often than distant ones, so matching the two weighted graphs
+    (`scipy.optimize.quadratic_assignment`, FAQ, best of `restarts`) names the groups.
+
+    Args:
+      present: `[S, G]` bool, group g among sample s's tokens.
+      public_blank: `[n, N]` bool (`blank_patches`); kept: K, the tokens per sample.
+
+    Returns:
+      `[G]` the position of each group.
+    """
+    present, public = np.asarray(present, np.float64), np.asarray(public_blank, np.float64)
+    g, n = present.shape[1], public.shape[1]
+    if g > n:
+        raise SMSDError(f"{g} groups for {n} positions: give at most one group per position")
+    pair, single = kept * (kept - 1) / (n * (n - 1)), kept / n
+    ours = present.T @ present / len(present) / pair
+    np.fill_diagonal(ours, present.mean(0) / single)
+    theirs = public.T @ public / len(public)
+    a = np.zeros((n, n))
+    a[:g, :g] = ours
+    rng = np.random.default_rng(seed)
+    best = None
+    for _ in range(restarts):
+        found = optimize.quadratic_assignment(a, theirs, options=dict(maximize=True, rng=rng,
+                                                                       P0="randomized"))
+        if best is None or found.fun > best.fun:
+            best = found
+    return best.col_ind[:g]
+
+
+def _nearest(x: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    d2 = (x * x).sum(-1)[:, None] - 2 * x @ centres.T + (centres * centres).sum(-1)
+    return d2.argmin(-1), d2
+
+
+def anchor_groups(tokens, anchors, content_dim: int, extra: int = 0,
+                  rounds: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Groups every token with a blank-patch anchor, without the head.
+
+    A token at position n is `a_n + (x - x_blank) W`: its anchor plus content, and content
+    spans at most `content_dim` (P) directions. With `D > P`, tokens are grouped with the
+    nearest anchor off the top P principal directions of the tokens, then the content
+    directions are re-estimated from the residuals `t - a_group` and the tokens regrouped,
+    `rounds` times; exact once the content directions are. With `D <= P`, content fills
+    every direction and the nearest anchor is all there is. `extra` more groups, for
+    positions never blank, start at the token farthest from every centre so far, one after
+    the other, and move as k-means centres (the anchors stay).
+
+    Args:
+      tokens: `[T, D]`; anchors: `[G, D]` (`repeated_tokens`); content_dim: P.
+
+    Returns:
+      `(groups [T] in [0, G + extra), distances [T, G + extra])`: squared distances to each
+      group's centre, off the content directions when `D > P`.
+    """
+    tokens = np.asarray(tokens, np.float64)
+    centres = np.asarray(anchors, np.float64)
+    d, g = tokens.shape[1], len(centres)
+    if d > content_dim:
+        basis = remove_top_basis(tokens - tokens.mean(0), content_dim)
+    else:
+        basis, rounds = np.eye(d), 1
+    for r in range(rounds):
+        x = tokens @ basis
+        if r == 0:  # farthest-point seeds: one per position that has no anchor, ideally
+            for _ in range(extra):
+                _, d2 = _nearest(x, centres @ basis)
+                centres = np.concatenate([centres, tokens[d2.min(-1).argmax()][None]])
+        for _ in range(5 if extra else 1):
+            groups, d2 = _nearest(x, centres @ basis)
+            for j in range(g, len(centres)):
+                if np.any(groups == j):
+                    centres[j] = tokens[groups == j].mean(0)
+        if r + 1 < rounds:
+            basis = remove_top_basis(tokens - centres[groups], content_dim)
+    return groups, d2
+
+
+def remove_top_basis(x, num: int) -> np.ndarray:
+    """An orthonormal basis `[D, D - num]` of the directions left after the top `num`
+    principal directions of `x` `[T, D]` (uncentred: pass centred data or residuals)."""
+    x = np.asarray(x, np.float64)
+    _, vectors = np.linalg.eigh(x.T @ x)  # ascending eigenvalues
+    return vectors[:, :x.shape[1] - num]

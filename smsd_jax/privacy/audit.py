@@ -36,7 +36,7 @@ SETTINGS = {
     "reused": (True, True, True, "fixed"),           # both, one mask + permutation per site
 }
 HEADS = ("public", "secret")
-KNOBS = ("dim", "pos_std", "keep", "noise_std")
+KNOBS = ("dim", "pos_std", "keep", "noise_std", "constant_patches")
 PSNR_CAP_DB = 100.0  # an exact reconstruction has infinite PSNR; the mean stays finite
 KNOB_COSTS = {
     "setting": "permutation costs no accuracy (the body is order-blind); masking keeps fewer "
@@ -48,6 +48,8 @@ KNOB_COSTS = {
     "dim": "D is the token width, the body's unless config.model.head_dim gives the body a "
            "stem from D: without a stem a small D limits the model; D < values per patch "
            "throws content away at the site",
+    "constant_patches": "unplaced: blank patches lose their position, so the body no longer "
+                        "sees where the background is, only how much of it there is",
 }
 
 
@@ -75,7 +77,8 @@ def points(config) -> list[dict]:
     knob (other knobs at default) with `privacy.sweep_setting`."""
     p = config.privacy
     default = dict(dim=models.token_width(config), pos_std=config.model.pos_std,
-                   keep=config.site.keep, noise_std=p.noise_std)
+                   keep=config.site.keep, noise_std=p.noise_std,
+                   constant_patches=config.model.constant_patches)
     out = [dict(default, setting=s, sweep="grid") for s in p.settings]
     for knob, values in p.sweeps.items():
         if knob not in KNOBS:
@@ -85,7 +88,9 @@ def points(config) -> list[dict]:
     for point in out:
         keep = point["keep"] if SETTINGS[point["setting"]][0] else 1.0
         point.update(keep=keep, label=f"{point['setting']} D{point['dim']} "
-                     f"pos{point['pos_std']:g} keep{keep:g} noise{point['noise_std']:g}")
+                     f"pos{point['pos_std']:g} keep{keep:g} noise{point['noise_std']:g}"
+                     + ("" if point["constant_patches"] == "placed"
+                        else f" {point['constant_patches']}"))
     return out
 
 
@@ -121,7 +126,8 @@ class _Data:
     mean_image: dict            # PSNR and SSIM of the public mean image: the guess without data
 
 
-def _prepare(config) -> _Data:
+def prepare(config) -> _Data:
+    """The victim's augmented samples and the server's public data for `config.privacy`."""
     p, d = config.privacy, config.data
     if p.victim_split == p.public_split:
         raise SMSDError(f"config.privacy.victim_split and public_split are both "
@@ -159,9 +165,15 @@ class _Head:
     losses: dict
 
 
-def _setup_head(config, ds: _Data, dim: int, pos_std: float, noise_std: float) -> _Head:
+def setup_head(config, ds: _Data, point: dict) -> _Head:
+    """The victim's tokens and the attackers for a head of `point`'s width `dim` and
+    `pos_std`, sent with noise of std `noise_std` per value (absolute units), after each token
+    is clipped to L2 norm `dp_clip` when that is > 0 (the Gaussian mechanism's release)."""
     p, c = config.privacy, config.data
-    head = models.ViTHead(c.image_size, config.model.patch_size, dim, pos_std)
+    dim, pos_std, noise_std = point["dim"], point["pos_std"], point["noise_std"]
+    clip = point.get("dp_clip", 0.0)
+    head = models.ViTHead(c.image_size, config.model.patch_size, dim, pos_std,
+                          constant_patches=point.get("constant_patches", "placed"))
     blank = jnp.zeros((1, c.image_size, c.image_size, c.channels))
     init = jax.jit(head.init)
     victim_params = init(jax.random.key(p.head_seed), blank)["params"]
@@ -170,7 +182,8 @@ def _setup_head(config, ds: _Data, dim: int, pos_std: float, noise_std: float) -
 
     def noisy_tokens(params, images, salt):
         """Tokens as a site sends them: noise added, stored in the payload's dtype."""
-        tokens = np.asarray(encode(params, jnp.asarray(images)))
+        tokens = encode(params, jnp.asarray(images))
+        tokens = np.asarray(ops.clip_tokens(tokens, clip) if clip > 0 else tokens)
         rng = np.random.default_rng([config.seed, salt])
         tokens = tokens + np.float32(noise_std) * rng.standard_normal(tokens.shape, np.float32)
         return tokens.astype(jnp.dtype(config.site.payload_dtype)).astype(np.float32)
@@ -304,6 +317,43 @@ def _grouping(config, ds: _Data, sent, positions, order: str, noise_std: float,
     return purity, spectral, (tokens, groups, moments, labels, p.moments.rounds)
 
 
+def _anchors(config, ds: _Data, sent, assign, noise_std: float, seed: int):
+    """Head secret, from the payload's exact repeats: blank patches give one token per blank
+    position (`attacks.repeated_tokens`); groups of them are named by which are blank together
+    (`attacks.name_by_cooccurrence`, against public images); every token joins its anchor's
+    group (`attacks.anchor_groups`), the head is estimated from the named groups' moments
+    (`attacks.estimate_head`) and the payload attacked as if it were public.
+
+    Returns:
+      None when nothing repeats (token noise), else `(groups [S*K], positions by anchor
+      [S, K], positions and images by the estimated head)`.
+    """
+    p = config.privacy
+    s, k, dim = sent.shape
+    n, pdim = ds.victim_patches.shape[1:]
+    flat = sent.reshape(-1, dim)
+    # A blank position is blank in more than 1 sample in 50; rarer repeats are noise.
+    values, repeated = attacks.repeated_tokens(flat, n, min_count=max(3, s // 50))
+    if not len(values):
+        return None
+    present = np.zeros((s, len(values)), bool)
+    rows = np.repeat(np.arange(s), k)[repeated >= 0]
+    present[rows, repeated[repeated >= 0]] = True
+    names = attacks.name_by_cooccurrence(present, attacks.blank_patches(ds.public_patches), k,
+                                         seed=seed)
+    names = np.concatenate([names, np.setdiff1d(np.arange(n), names)])  # never-blank ones
+    groups, d2 = attacks.anchor_groups(flat, values, pdim, extra=n - len(values))
+    scores = np.full((len(flat), n), -np.inf)
+    scores[:, names] = -d2
+    by_anchor = assign(scores.reshape(s, k, n))
+    moments = attacks.group_moments(flat, groups, noise_std)
+    kernel, offsets, _ = attacks.estimate_head(
+        jax.random.key(seed), flat, groups, moments, names, ds.prior, steps=p.moments.steps,
+        refine_steps=p.moments.refine_steps, rounds=p.moments.rounds, lr=p.moments.lr)
+    model = attacks.linear_gaussian(kernel, offsets, ds.prior, noise_std, ridge=p.prior_ridge)
+    return groups, by_anchor, _linear(config, model, sent, assign, ds.prior.mean)
+
+
 def _linear(config, model: attacks.LinearGaussian, sent, assign, fill):
     """Positions by `gaussian_scores` and the order, then patches inverted there: the attack of
     a server that knows (or has estimated) the head. -> (positions `[S, K]`, images)."""
@@ -339,6 +389,9 @@ def evaluate_point(config, ds: _Data, hd: _Head, point: dict, seed: int) -> dict
 
     purity, spectral, blind = _grouping(config, ds, sent, positions, order,
                                         point["noise_std"], seed + 1)
+    anchored = _anchors(config, ds, sent, assign, point["noise_std"], seed + 3)
+    purity["anchors"] = (None if anchored is None else
+                         leakage.cluster_purity(anchored[0], positions.reshape(-1)))
     order_only = accuracy(assign(np.zeros((s, k, n))))
     token_link = _linkage(_token_similarity, sent, m, config.seed)
     shared = dict(point, chance_accuracy=1.0 / n, order_only_accuracy=order_only, purity=purity,
@@ -375,9 +428,13 @@ def evaluate_point(config, ds: _Data, hd: _Head, point: dict, seed: int) -> dict
                                         ridge=p.prior_ridge)
     found, moment_images = _linear(config, estimated, sent, assign, fill)
     secret_images = {"learned_own_head": own_images, "moments": moment_images}
+    secret_accuracies = dict(order_only=order_only, learned_own_head=own_accuracy,
+                             spectral=spectral, moments=accuracy(found))
+    if anchored is not None:
+        _, by_anchor, (found, secret_images["anchors"]) = anchored
+        secret_accuracies.update(anchors=accuracy(by_anchor), anchors_moments=accuracy(found))
     secret = _row(
-        dict(order_only=order_only, learned_own_head=own_accuracy, spectral=spectral,
-             moments=accuracy(found)),
+        secret_accuracies,
         {name: _quality(x, ds.victim, ds.flips) for name, x in secret_images.items()},
         {**token_link, **_linkage(_image_similarity, moment_images, m, config.seed)})
     secret["head_leaked_accuracy"] = leaked_accuracy
@@ -402,14 +459,18 @@ def _checks(row: dict, margins) -> dict:
 
 
 def _loss_rank(row: dict, default: dict) -> tuple:
-    """Sort key, least expected accuracy loss first: a change of setting only, then keep,
-    position std, noise and D (our judgement of each knob's cost; not measured here), and within
-    a knob the value that gives up least (higher keep, std and D; lower noise)."""
-    knobs = ("grid", "keep", "pos_std", "noise_std", "dim")
-    if row["sweep"] == "grid":
+    """Sort key, least expected accuracy loss first: a change of setting only, then the rule
+    for constant patches, keep, position std, noise and D (our judgement of each knob's cost;
+    `--mode=frontier` measures it), and within a knob the value that gives up least (higher
+    keep, std and D; lower noise)."""
+    knobs = ("grid", "constant_patches", "keep", "pos_std", "noise_std", "dim")
+    knob = row["sweep"]
+    if knob == "grid":
         return (0, list(SETTINGS).index(row["setting"]))
-    direction = 1 if row["sweep"] == "noise_std" else -1
-    return (knobs.index(row["sweep"]), direction * (row[row["sweep"]] - default[row["sweep"]]))
+    if isinstance(row[knob], str):
+        return (knobs.index(knob), float(row[knob] != default[knob]))
+    direction = 1 if knob == "noise_std" else -1
+    return (knobs.index(knob), direction * (row[knob] - default[knob]))
 
 
 def answer(rows: list[dict], margins) -> dict:
@@ -463,14 +524,14 @@ def markdown(summary: dict) -> str:
         f"Wall time {summary['seconds'] / 60:.1f} min.", "",
         "Position accuracy is the best attack's (in brackets); purity is the share of tokens "
         "whose group's most common position is theirs, for k-means on the tokens, on the "
-        "tokens off their top P principal directions, and for grouping by slot (against "
-        "k-means on the true patches: content alone). PSNR/SSIM: the best reconstruction "
-        "from one token set. Linkage: ROC AUC of telling two samples of one image from "
-        "samples of two images."
+        "tokens off their top P principal directions, for grouping by slot and by blank-patch "
+        "anchor (against k-means on the true patches: content alone). PSNR/SSIM: the best "
+        "reconstruction from one token set. Linkage: ROC AUC of telling two samples of one "
+        "image from samples of two images."
         + (" Positions and images are scored up to a left-right mirror, because the site's "
            "augmentation mirrors images at random." if ref["flips"] else ""), "",
         "| point | head | position acc. % | order only % | purity % k-means / residual / "
-        "slot (content) | PSNR dB | SSIM | linkage AUC | s |",
+        "slot / anchors (content) | PSNR dB | SSIM | linkage AUC | s |",
         "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pur = r["purity"]
@@ -478,8 +539,9 @@ def markdown(summary: dict) -> str:
         lines.append(
             f"| {r['label']} | {r['head']} | {_pct(r['position_accuracy'])} "
             f"({r['position_attack']}) | {_pct(r['order_only_accuracy'])} | "
-            f"{_pct(pur['kmeans'])} / {_pct(pur['residual'])} / {_pct(pur['slot'])} "
-            f"({_pct(pur['content_only'])}) | {r['psnr']:.2f} ({r['reconstruction_attack']}) | "
+            f"{_pct(pur['kmeans'])} / {_pct(pur['residual'])} / {_pct(pur['slot'])} / "
+            f"{_pct(pur.get('anchors'))} ({_pct(pur['content_only'])}) | {r['psnr']:.2f} "
+            f"({r['reconstruction_attack']}) | "
             f"{r['ssim']:.3f} | {link} | {r['seconds']:.1f} |")
     listed = lambda labels: ", ".join(f"`{x}`" for x in labels) or "none"
     lines += [
@@ -495,7 +557,8 @@ def markdown(summary: dict) -> str:
         "Head secret, checks that fail (position, grouping, reconstruction):", ""]
     lines += [f"- `{label}`: {', '.join(fails)}"
               for label, fails in ans["failed_checks_secret"].items()]
-    lines += ["", "What each knob would cost in accuracy (not measured here):", ""]
+    lines += ["", "What each knob would cost in accuracy (judged here; results/frontier.md "
+              "measures it):", ""]
     lines += [f"- {knob}: {text}" for knob, text in ans["knob_costs"].items()]
     m = ans["margins"]
     lines += ["", f"Near chance means: best position accuracy <= 1/N + {m['accuracy']}, best "
@@ -525,7 +588,8 @@ def _print_row(row: dict) -> None:
     link = "n/a" if row["linkage_auc"] is None else f"{row['linkage_auc']:.3f}"
     print(f"{row['label']:<38} {row['head']:<6} position {_pct(row['position_accuracy']):>5}% "
           f"({row['position_attack']}), purity {_pct(pur['kmeans'])}/{_pct(pur['residual'])}/"
-          f"{_pct(pur['slot'])}%, PSNR {row['psnr']:.1f} dB, SSIM {row['ssim']:.3f}, "
+          f"{_pct(pur['slot'])}/{_pct(pur.get('anchors'))}%, PSNR {row['psnr']:.1f} dB, "
+          f"SSIM {row['ssim']:.3f}, "
           f"linkage AUC {link}, {row['seconds']:.1f} s", flush=True)
 
 
@@ -545,19 +609,20 @@ def run_privacy(config, workdir: Layout | str | Path) -> dict:
         raise SMSDError(f"config.privacy needs at least 2 victim and 2 public images, got "
                         f"{p.num_victim} and {p.num_public}")
     start = time.perf_counter()
-    ds = _prepare(config)
+    ds = prepare(config)
     all_points = points(config)
     by_head = {}
     for index, point in enumerate(all_points):
-        by_head.setdefault((point["dim"], point["pos_std"], point["noise_std"]), []).append(index)
+        by_head.setdefault((point["dim"], point["pos_std"], point["noise_std"],
+                            point["constant_patches"]), []).append(index)
     print(f"privacy: {len(all_points)} points x {len(HEADS)} heads, {len(by_head)} heads to "
           f"train attackers for; data ready in {time.perf_counter() - start:.1f} s", flush=True)
     rows, examples = {}, {head: {} for head in HEADS}
     truth = ds.victim[::ds.num_samples][:p.num_examples]
-    for (dim, pos_std, noise_std), indices in by_head.items():
+    for (dim, pos_std, noise_std, constant), indices in by_head.items():
         t = time.perf_counter()
-        hd = _setup_head(config, ds, dim, pos_std, noise_std)
-        print(f"head D{dim} pos{pos_std:g} noise{noise_std:g}: attackers trained in "
+        hd = setup_head(config, ds, all_points[indices[0]])
+        print(f"head D{dim} pos{pos_std:g} noise{noise_std:g} {constant}: attackers trained in "
               f"{time.perf_counter() - t:.1f} s (final loss with the victim's head "
               f"{hd.losses['leaked']:.3f}, own head {hd.losses['own']:.3f})", flush=True)
         for index in indices:

@@ -94,11 +94,7 @@ def run_curve(config, workdir: Layout | str | Path) -> dict:
                                   lambda run, run_dir: _execute(config, run, run_dir, train,
                                                                 test), name="curve")
     summary = summarize(config, records)
-    paths = [files.write_json(layout.results / JSON, summary),
-             files.write_text(layout.results / MARKDOWN, markdown(summary)),
-             files.save_figure(layout.results / PNG, figure(summary))]
-    for path in paths:
-        print(f"curve: {path}")
+    files.write_results(layout.results, "curve", summary, markdown(summary), figure(summary))
     return summary
 
 
