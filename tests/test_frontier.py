@@ -53,6 +53,10 @@ def test_audit_point_follows_the_setting():
     assert point["noise_std"] == pytest.approx(0.5 * (1 + 0.5 ** 2) ** 0.5, rel=0.2)
     wide = frontier.audit_point(frontier_fashion.get_config())
     assert wide["dim"] == models.preset("small4")["dim"] and wide["noise_std"] == 0.0
+    # The Gaussian mechanism's point is attacked with its own noise, not just clipped.
+    dp = frontier.audit_point(frontier.setting_config(
+        frontier_fashion.get_config(), "site.dp_clip=4.0 site.dp_noise_multiplier=7.0"))
+    assert (dp["dp_clip"], dp["noise_std"]) == (4.0, 28.0)
 
 
 def test_tiny_frontier_from_the_cli_writes_points_and_resumes(tmp_path):

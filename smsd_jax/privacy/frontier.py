@@ -95,15 +95,18 @@ def plan(config) -> list[dict]:
 
 def audit_point(config) -> dict:
     """The audit's point for a setting's config: its token width, position std, keep and
-    noise (token noise in absolute units: `site.token_noise` times the token scale of a head
-    of that width; or the Gaussian mechanism's clip and multiplier)."""
+    noise in absolute units: `site.token_noise` times the token scale of a head of that
+    width, or, with the Gaussian mechanism, its noise std `dp_noise_multiplier * dp_clip` on
+    tokens clipped to `dp_clip` (`ops.gaussian_dp`)."""
     dim = models.token_width(config)
     head = models.ViTHead(config.data.image_size, config.model.patch_size, dim,
                           config.model.pos_std)
     params = head.init(jax.random.key(config.privacy.head_seed),
                        jnp.zeros((1, config.data.image_size, config.data.image_size,
                                   config.data.channels)))["params"]
-    noise_std = float(config.site.token_noise * ops.token_scale(params))
+    site = config.site
+    noise_std = float(site.dp_noise_multiplier * site.dp_clip if site.dp_clip > 0
+                      else site.token_noise * ops.token_scale(params))
     point = dict(setting="both", sweep="frontier", dim=dim, pos_std=config.model.pos_std,
                  keep=config.site.keep, noise_std=noise_std, dp_clip=float(config.site.dp_clip),
                  dp_noise_multiplier=float(config.site.dp_noise_multiplier),
