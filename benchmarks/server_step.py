@@ -121,7 +121,9 @@ def bench_config(size: str, mode: str, batch: int, settings: dict, attention: st
     image_size, patch_size, _ = SIZES[size]
     c = base.get_config()
     c.data.update(image_size=image_size, channels=3)
-    c.model.update(size=size, patch_size=patch_size, dtype=settings["dtype"])
+    # Tokens at the body's width (head_dim 0): the step of the body alone, the one the PyTorch
+    # peer (a timm ViT, no stem) takes; a stem adds one [K, head_dim, D] matmul per token.
+    c.model.update(size=size, patch_size=patch_size, dtype=settings["dtype"], head_dim=0)
     if attention is not None:
         c.model.attention = attention
     c.server.update(batch_size=batch, fsdp=settings["fsdp"], out_dim=settings["out_dim"])

@@ -61,8 +61,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # per-token linear stem from head_dim to its width (docs/method.md, "Head and model").
     # constant_patches "unplaced": a patch of equal values (blank background) is sent
     # without its position (models.ViTHead; docs/threat_model.md says what it hides).
+    # The default, from the privacy-utility frontier (results/frontier.md): tokens no wider
+    # than the values of a patch (16 for 4x4 grayscale) and blank patches unplaced.
     c.model = dict(size="small4", patch_size=4, pos_std=0.5, dtype="float32", attention="",
-                   head_dim=0, constant_patches="placed")
+                   head_dim=16, constant_patches="unplaced")
 
     # Stage 1: each site encodes its images once.
     c.site = dict(

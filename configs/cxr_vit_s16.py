@@ -24,7 +24,7 @@ from configs import base
 
 def _runlocal(c):
     """After configs/base.py's runlocal: a tiny model at 64 px in float32."""
-    c.model.update(size="tiny", patch_size=16, dtype="float32")
+    c.model.update(size="tiny", patch_size=16, dtype="float32", head_dim=0)
     c.data.image_size = 64
     return c
 
@@ -38,7 +38,9 @@ def get_config(arg: str | None = None):
     c.workdir = "runs/cxr_vit_s16"
     c.data.update(source="folder", image_size=224, channels=1, mean=0.5, std=0.25,
                   num_sites=4, partition="iid")
-    c.model.update(size="S", patch_size=16, pos_std=0.5, dtype="bfloat16")
+    # head_dim 256: the values of a 16x16 grayscale patch (no wider than a patch, the
+    # frontier's rule; configs/base.py); the body (width 384) learns a stem.
+    c.model.update(size="S", patch_size=16, pos_std=0.5, dtype="bfloat16", head_dim=256)
     c.site.update(keep=0.5, num_samples=2, batch_size=64, shard_size=4096)
     c.server.update(batch_size=256, epochs=100.0, lr=5e-4, warmup_epochs=10,
                     teacher_temp_warmup_epochs=30,

@@ -49,7 +49,10 @@ def get_config(arg: str | None = None):
     c.workdir = "runs/gpu_host"
     c.data.update(source="folder", image_size=224, channels=3, mean=0.45, std=0.225,
                   num_sites=4, partition="iid")
-    c.model.update(size="B", patch_size=16, pos_std=0.5, dtype="bfloat16", attention="cudnn")
+    # head_dim 0: tokens at the body's width, 768 = the values of a 16x16 RGB patch (the
+    # frontier's rule: no wider than a patch; configs/base.py).
+    c.model.update(size="B", patch_size=16, pos_std=0.5, dtype="bfloat16", attention="cudnn",
+                   head_dim=0)
     c.site.update(keep=0.5, num_samples=2, batch_size=64, shard_size=4096)
     c.server.update(batch_size=512, num_devices=0, fsdp=False, epochs=100.0, lr=5e-4,
                     warmup_epochs=10, teacher_temp_warmup_epochs=30, checkpoint_every=1000,

@@ -5,8 +5,10 @@ Command (from a fresh clone; installs, then runs):
 
 Data: Fashion-MNIST (Debian's dataset-fashion-mnist: 60,000 real 28x28 train images, 10,000
 test), split over 4 non-IID sites (Dirichlet alpha 0.5 over labels). Head: patch 4 -> 49
-tokens of width 128, position embedding std 0.5. Sites: M = 2 samples per image, keep 0.5
-(24 of 49 tokens). Server: ViT depth 4, width 128, 4 heads; DINO out_dim 1024; batch 128.
+tokens of width 16 (configs/base.py's privacy default: no wider than a patch's values, blank
+patches unplaced), position embedding std 0.5. Sites: M = 2 samples per image, keep 0.5 (24
+of 49 tokens). Server: a stem from 16 to 128, then ViT depth 4, width 128, 4 heads; DINO
+out_dim 1024; batch 128.
 Hardware: 2 CPU cores. Expected time and result: see README (measured, not assumed).
 
 Variants (comma-separated after the path, applied in order): `:runlocal` (a minute),

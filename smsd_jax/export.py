@@ -116,8 +116,9 @@ def timm_state_dict(head: models.ViTHead, head_params, body: models.ViTBody, bod
     p, dim = head.patch_size, body.dim
     if head.constant_patches != "placed":
         raise SMSDError(f"the head sends constant patches {head.constant_patches}, which a timm "
-                        "ViT cannot do (it adds the position embedding to every patch); export "
-                        "for timm only a model whose head places every patch")
+                        "ViT cannot do (it adds the position embedding to every patch); pass "
+                        "head.clone(constant_patches='placed') to export one that places every "
+                        "patch (it differs from the trained model on blank patches only)")
     shape = np.shape(head_params["patch_embed"]["kernel"])
     if head.dim != body.input_dim or shape[1] != head.dim or shape[0] % (p * p):
         raise SMSDError(f"the head makes tokens of width {head.dim} from a patch kernel of "

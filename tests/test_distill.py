@@ -59,7 +59,7 @@ def _setup(config, steps):
     schedules = distill.make_schedules(config.server, total_steps=steps, steps_per_epoch=steps)
     tx = distill.make_optimizer(config.server, schedules)
     k = ops.num_kept(49, config.site.keep)
-    state = distill.init_state(jax.random.key(0), net, tx, (k, net.body.dim))
+    state = distill.init_state(jax.random.key(0), net, tx, (k, net.body.input_dim))
     return state, distill.make_distill_step(net, tx, schedules, config.server)
 
 
@@ -148,7 +148,7 @@ def _dino_params(config, norm_last_layer=False):
     config.server.norm_last_layer = norm_last_layer
     net = models.dino_net_from_config(config)
     k = ops.num_kept(49, config.site.keep)
-    return net.init(jax.random.key(0), jnp.zeros((1, k, net.body.dim)))["params"]
+    return net.init(jax.random.key(0), jnp.zeros((1, k, net.body.input_dim)))["params"]
 
 
 def _paths(tree):
@@ -378,7 +378,7 @@ def test_student_runs_with_drop_path_teacher_without():
     schedules = distill.make_schedules(config.server, total_steps=4, steps_per_epoch=4)
     tx = distill.make_optimizer(config.server, schedules)
     k = ops.num_kept(49, config.site.keep)
-    state = distill.init_state(jax.random.key(0), net, tx, (k, net.body.dim))
+    state = distill.init_state(jax.random.key(0), net, tx, (k, net.body.input_dim))
     step = jax.jit(distill.make_distill_step(recorder, tx, schedules, config.server))
     samples = _real_samples(config, n=8)
     for _ in range(2):

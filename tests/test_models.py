@@ -176,8 +176,11 @@ def test_head_stem_body_equals_the_folded_plain_vit():
 def test_head_dim_sets_the_token_width_and_the_stem():
     config = base.get_config("tiny")
     width = models.preset(config.model.size)["dim"]
-    # 0 (the default): the head at the body's width, no stem, the same parameters as before.
-    assert config.model.head_dim == 0 and models.token_width(config) == width
+    # The default: tokens no wider than a patch's 16 values (the privacy default).
+    assert config.model.head_dim == 16 and models.token_width(config) == 16
+    # 0: the head at the body's width, no stem, the same parameters as a plain body.
+    config.model.head_dim = 0
+    assert models.token_width(config) == width
     head, body = models.head_from_config(config), models.body_from_config(config)
     assert head.dim == width and body.token_dim == 0
     tokens = jnp.zeros((1, 5, width))
@@ -508,8 +511,7 @@ def test_dino_nets_take_drop_path_from_the_server_config():
     assert models.body_from_config(config).drop_path == 0.0
     # The student's call, and the teacher's (no rng), on the same parameters.
     net = models.dino_net_from_config(config)
-    dim = models.preset(config.model.size)["dim"]
-    tokens = jax.random.normal(jax.random.key(0), (4, 6, dim))
+    tokens = jax.random.normal(jax.random.key(0), (4, 6, models.token_width(config)))
     params = net.init(jax.random.key(0), tokens)["params"]
     teacher, _ = net.apply({"params": params}, tokens)
     student, _ = net.apply({"params": params}, tokens, deterministic=False,

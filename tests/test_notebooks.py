@@ -66,7 +66,7 @@ def _check_encryption(text: str, pngs: int) -> None:
     assert _number("token features, shuffled vs grid order permuted: max abs difference",
                    text) < 1e-4
     assert _number("control, another masked subset: max abs difference", text) > 1e-2
-    assert "tokens received: (128, 2, 24, 128)" in text
+    assert "tokens received: (128, 2, 24, 16)" in text  # the default head_dim 16
     assert '"head_fingerprint"' in text  # the manifest is shown
     assert pngs >= 4
 

@@ -9,12 +9,14 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import shutil
 
 from configs import base
-from smsd_jax import artifacts, consortium, data, export, files, payload, server, site
+from smsd_jax import (artifacts, consortium, data, export, files, models, payload, server,
+                      site)
 
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES = 96
@@ -38,6 +40,8 @@ def _encode(tmp_path, config, name, head_name="head", head_seed=0, n=N_IMAGES, s
 
 def test_payload_holds_only_encrypted_tokens(tmp_path):
     config = _config(augment=dict(flip=False, max_shift=0, contrast=0.0))
+    # Blank patches placed, so that every sent token has one position to find below.
+    config.model.constant_patches = "placed"
     out, head_dir, source = _encode(tmp_path, config, "payload")
     manifest = payload.read_manifest(out)
     allowed = {"format", "site_id", "num_images", "num_samples", "tokens", "dim", "dtype",
@@ -58,10 +62,12 @@ def test_payload_holds_only_encrypted_tokens(tmp_path):
     # distinct hidden position, and the order is shuffled. Only a test that holds the head and
     # the images can find the positions.
     head, params, _ = consortium.load_head(head_dir)
-    assert d != config.model.patch_size ** 2 * config.data.channels  # tokens, not pixel patches
     images = source.images[:N_IMAGES].astype(np.float32) / 255
-    grid = np.asarray(head.apply({"params": params},
-                                 (images - config.data.mean) / config.data.std))  # [n, N, D]
+    pixels = (images - config.data.mean) / config.data.std
+    grid = np.asarray(head.apply({"params": params}, pixels))  # [n, N, D]
+    # Tokens, not pixel patches, even at the default width of a patch's values.
+    patches = np.asarray(models.patchify(jnp.asarray(pixels), config.model.patch_size))
+    assert d == patches.shape[-1] and np.abs(grid - patches).mean() > 0.1
     for sample in range(m):
         sent = tokens[:, sample].astype(np.float32)
         dist = np.linalg.norm(sent[:, :, None] - grid[:, None], axis=-1)  # [n, K, N]
@@ -72,8 +78,8 @@ def test_payload_holds_only_encrypted_tokens(tmp_path):
 
 
 def test_payload_bytes_follow_head_dim(tmp_path):
-    default = _config()
-    narrow = _config()
+    default, narrow = _config(), _config()
+    default.model.head_dim = 0  # the body's width
     narrow.model.head_dim = 8
     wide, _, _ = _encode(tmp_path, default, "wide", head_name="head_wide", n=32)
     thin, _, _ = _encode(tmp_path, narrow, "thin", head_name="head_thin", n=32)
@@ -91,8 +97,8 @@ def test_payload_bytes_follow_head_dim(tmp_path):
 def test_unplaced_head_round_trips_and_changes_the_fingerprint(tmp_path):
     """The rule for constant patches is part of the head: written, read back, and in the
     fingerprint, so a site that sends placed blanks is refused beside unplaced ones."""
-    placed, unplaced = _config(), _config()
-    unplaced.model.constant_patches = "unplaced"
+    placed, unplaced = _config(), _config()  # unplaced: the default
+    placed.model.constant_patches = "placed"
     a, head_a, _ = _encode(tmp_path, placed, "site_a", head_name="head_a", n=32)
     b, head_b, _ = _encode(tmp_path, unplaced, "site_b", head_name="head_b", n=32, site_id=1)
     (ha, pa, ma), (hb, pb, mb) = consortium.load_head(head_a), consortium.load_head(head_b)
@@ -106,7 +112,8 @@ def test_unplaced_head_round_trips_and_changes_the_fingerprint(tmp_path):
     # Blank patches: many exact repeats of one token per blank position when placed, a few
     # position-free values when not.
     def repeats(path):
-        tokens = payload.read_tokens(path).reshape(-1, 32)
+        tokens = payload.read_tokens(path)
+        tokens = tokens.reshape(-1, tokens.shape[-1])
         _, counts = np.unique(tokens, axis=0, return_counts=True)
         return np.sort(counts)[::-1]
     placed_counts, unplaced_counts = repeats(a), repeats(b)

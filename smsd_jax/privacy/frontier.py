@@ -98,15 +98,16 @@ def audit_point(config) -> dict:
     noise in absolute units: `site.token_noise` times the token scale of a head of that
     width, or, with the Gaussian mechanism, its noise std `dp_noise_multiplier * dp_clip` on
     tokens clipped to `dp_clip` (`ops.gaussian_dp`)."""
-    dim = models.token_width(config)
-    head = models.ViTHead(config.data.image_size, config.model.patch_size, dim,
-                          config.model.pos_std)
-    params = head.init(jax.random.key(config.privacy.head_seed),
-                       jnp.zeros((1, config.data.image_size, config.data.image_size,
-                                  config.data.channels)))["params"]
-    site = config.site
-    noise_std = float(site.dp_noise_multiplier * site.dp_clip if site.dp_clip > 0
-                      else site.token_noise * ops.token_scale(params))
+    dim, site = models.token_width(config), config.site
+    if site.dp_clip > 0:
+        noise_std = float(site.dp_noise_multiplier * site.dp_clip)
+    else:
+        head = models.ViTHead(config.data.image_size, config.model.patch_size, dim,
+                              config.model.pos_std)
+        size, channels = config.data.image_size, config.data.channels
+        params = head.init(jax.random.key(config.privacy.head_seed),
+                           jnp.zeros((1, size, size, channels)))["params"]
+        noise_std = float(site.token_noise * ops.token_scale(params))
     point = dict(setting="both", sweep="frontier", dim=dim, pos_std=config.model.pos_std,
                  keep=config.site.keep, noise_std=noise_std, dp_clip=float(config.site.dp_clip),
                  dp_noise_multiplier=float(config.site.dp_noise_multiplier),
