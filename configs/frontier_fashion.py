@@ -18,7 +18,7 @@ results/frontier.{json,md,png}.
 Variants (comma-separated after the path, applied in order): `:runlocal` (configs/base.py's
 runlocal: the first 4,000 images, 3 server epochs; minutes a setting), `:tiny` (seconds: the
 tests' size; two settings), `:seed1` (seed 1 of d128 and d16_unplaced, the reference and the
-default: about 30 min; writes to runs/frontier_fashion_seed1).
+default: 35 min measured; writes to runs/frontier_fashion_seed1).
 """
 
 import ml_collections

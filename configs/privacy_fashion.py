@@ -89,6 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         cluster_tokens=20000,      # tokens k-means sees per payload
         kmeans_iters=30,
         spectrum_size=8,           # eigenvalues per group used to name groups
+        near_radius=0.05,          # attacks.near_repeats: link radius, x median token spread
         num_examples=6,            # images per reconstruction figure
         margins=dict(accuracy=0.05, purity=0.05, psnr_db=1.0, ssim=0.05),
     )

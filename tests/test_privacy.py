@@ -223,6 +223,28 @@ def test_unplaced_constant_patches_take_the_anchors_away():
     assert leakage.cluster_purity(groups, truth) < content_only + 0.08
 
 
+def test_almost_blank_patches_still_anchor_positions_when_blanks_are_unplaced():
+    # A patch a few pixels off the background is x W + o_n with x close to blank: unplacing
+    # exact blanks leaves one tight cluster of tokens per position, found without the head.
+    victims = _images("train", 600)
+    sent, positions = _payload(16, victims, "unplaced")
+    s, k, _ = sent.shape
+    flat, truth = sent.reshape(-1, 16), positions.reshape(-1)
+    values, groups = attacks.near_repeats(flat, np.repeat(np.arange(s), k), N, min_count=3)
+    hit = groups >= 0
+    assert len(values) >= 45 and hit.mean() > 0.03
+    assert leakage.cluster_purity(groups[hit], truth[hit]) > 0.99
+    # The unplaced blank token repeats within a sample, so it never forms a group.
+    _, which, counts = np.unique(flat, axis=0, return_inverse=True, return_counts=True)
+    blank = which.ravel() == counts.argmax()
+    assert blank.mean() > 0.1 and not np.any(hit & blank)
+    # Their public counterpart: the patches nearest the blank one, never the blank one itself.
+    public = _patches(_images("test", 500))
+    near = attacks.near_blank_patches(public, per_image=2.0)
+    assert abs(near.sum(1).mean() - 2.0) < 0.05 and not np.any(near & attacks.blank_patches(
+        public))
+
+
 def test_a_secret_head_is_estimated_from_moments_when_positions_are_known():
     # All tokens in grid order (no permutation): each position's token covariance is
     # W^T S_n W, and public patches give S_n. That pins W down, sign included, without the head.

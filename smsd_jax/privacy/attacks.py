@@ -16,7 +16,11 @@ What it knows of the head decides the attack:
   (`kmeans`, `remove_top_components`), names the groups by matching their covariance spectra
   to those of public patches at each position (`spectral_labels`), and estimates the head
   itself from the groups' moments (`estimate_head`: token covariance `W^T S_n W` against the
-  public patch covariance `S_n`), then attacks as if the head were public.
+  public patch covariance `S_n`), then attacks as if the head were public. Blank patches
+  anchor positions: one exact token per blank position (`repeated_tokens`) or, when blanks
+  are sent without position, one tight cluster per position of the almost blank ones
+  (`near_repeats`); the anchors are named by which are blank together in public images
+  (`name_by_cooccurrence`) and every token joins its nearest anchor (`anchor_groups`).
 
 `assign_positions` turns per-token scores into positions using what the server knows of the
 order (shuffled, sorted, or one permutation reused by a site). `assemble_images` rebuilds an
@@ -34,7 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from scipy import optimize
+from scipy import optimize, sparse, spatial
+from scipy.sparse import csgraph
 
 from smsd_jax.errors import SMSDError
 
@@ -608,6 +613,63 @@ def blank_patches(patches) -> np.ndarray:
     if not len(values):
         return np.zeros(patches.shape[:2], bool)
     return constant & (patches[..., 0] == values[counts.argmax()])
+
+
+def near_repeats(tokens, samples, max_groups: int, radius: float = 0.05,
+                 min_count: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Near-blank anchors: tokens `[T, D]` of samples `[T]` -> (centres `[G, D]`, groups `[T]`).
+
+    A patch that is almost blank (a few pixels off the background) gives `x W + o_n` with `x`
+    close to the blank patch, so almost the same token at the same position in every image,
+    even when exactly blank patches are sent without position: one tight cluster per position.
+    Tokens with at least `min_count` others within `radius` (times the tokens' median distance
+    from their mean) are linked when that close; each connected group that never holds two
+    tokens of one sample (a position appears once per sample; unplaced blanks repeat within a
+    sample) and holds at least `min_count` tokens is a group, largest first, at most
+    `max_groups`; -1 for every other token. Exact repeats are handled once each (a blank
+    value sent thousands of times is one point), so memory follows the distinct tokens.
+    """
+    tokens, samples = np.asarray(tokens, np.float64), np.asarray(samples)
+    values, which, counts = np.unique(tokens, axis=0, return_inverse=True, return_counts=True)
+    which = which.ravel()
+    scale = radius * np.median(np.linalg.norm(tokens - tokens.mean(0), axis=-1))
+    tree = spatial.cKDTree(values)
+    near = tree.sparse_distance_matrix(tree, scale, output_type="coo_matrix")
+    near = sparse.coo_matrix((np.ones(near.nnz), (near.row, near.col)), shape=near.shape)
+    dense = (near @ counts) - 1 >= min_count  # tokens within `scale`, itself left out
+    link = near.tocsr()[dense][:, dense]
+    _, component = csgraph.connected_components(link, directed=False)
+    labels = np.full(len(values), -1)
+    labels[dense] = component
+    token_label = labels[which]
+    sizes = np.bincount(token_label[token_label >= 0], minlength=component.max(initial=-1) + 1)
+    groups, centres = np.full(len(tokens), -1), []
+    for c in np.argsort(-sizes, kind="stable"):
+        members = np.flatnonzero(token_label == c)
+        if len(centres) == max_groups or len(members) < min_count:
+            break
+        if len(np.unique(samples[members])) < len(members):  # twice in a sample: no position
+            continue
+        groups[members] = len(centres)
+        centres.append(tokens[members].mean(0))
+    return np.reshape(centres, (-1, tokens.shape[1])), groups
+
+
+def near_blank_patches(patches, per_image: float) -> np.ndarray:
+    """Public patches `[S, N, P]` -> `[S, N]` bool: the patches closest to the blank patch
+    without being it (L2 distance, as tokens are close), as many per image on average as
+    `per_image`: the public counterpart of `near_repeats`' groups."""
+    patches = np.asarray(patches)
+    blank = blank_patches(patches)
+    if not blank.any():
+        return np.zeros(patches.shape[:2], bool)
+    value = patches[blank][0, 0]
+    distance = np.where(blank, np.inf, np.linalg.norm(patches - value, axis=-1))
+    count = int(round(per_image * patches.shape[0]))
+    if count <= 0:
+        return np.zeros(patches.shape[:2], bool)
+    threshold = np.partition(distance.ravel(), count - 1)[count - 1]
+    return distance <= threshold
 
 
 def name_by_cooccurrence(present, public_blank, kept: int, seed: int = 0,

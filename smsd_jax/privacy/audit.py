@@ -317,12 +317,13 @@ def _grouping(config, ds: _Data, sent, positions, order: str, noise_std: float,
     return purity, spectral, (tokens, groups, moments, labels, p.moments.rounds)
 
 
-def _anchors(config, ds: _Data, sent, assign, noise_std: float, seed: int):
+def _anchors(config, ds: _Data, sent, assign, noise_std: float, seed: int, unplaced: bool):
     """Head secret, from the payload's exact repeats: blank patches give one token per blank
-    position (`attacks.repeated_tokens`); groups of them are named by which are blank together
-    (`attacks.name_by_cooccurrence`, against public images); every token joins its anchor's
-    group (`attacks.anchor_groups`), the head is estimated from the named groups' moments
-    (`attacks.estimate_head`) and the payload attacked as if it were public.
+    position (`attacks.repeated_tokens`; with blank patches `unplaced`, the tight clusters of
+    almost blank ones, `attacks.near_repeats`); groups of them are named by which are blank
+    together (`attacks.name_by_cooccurrence`, against public images); every token joins its
+    anchor's group (`attacks.anchor_groups`), the head is estimated from the named groups'
+    moments (`attacks.estimate_head`) and the payload attacked as if it were public.
 
     Returns:
       None when nothing repeats (token noise), else `(groups [S*K], positions by anchor
@@ -331,16 +332,19 @@ def _anchors(config, ds: _Data, sent, assign, noise_std: float, seed: int):
     p = config.privacy
     s, k, dim = sent.shape
     n, pdim = ds.victim_patches.shape[1:]
-    flat = sent.reshape(-1, dim)
-    # A blank position is blank in more than 1 sample in 50; rarer repeats are noise.
-    values, repeated = attacks.repeated_tokens(flat, n, min_count=max(3, s // 50))
+    flat, rows = sent.reshape(-1, dim), np.repeat(np.arange(s), k)
+    if unplaced:  # exact blanks carry no position; almost blank patches still do
+        values, repeated = attacks.near_repeats(flat, rows, n, p.near_radius,
+                                                min_count=max(3, s // 200))
+    else:  # a blank position is blank in more than 1 sample in 50; rarer repeats are noise
+        values, repeated = attacks.repeated_tokens(flat, n, min_count=max(3, s // 50))
     if not len(values):
         return None
     present = np.zeros((s, len(values)), bool)
-    rows = np.repeat(np.arange(s), k)[repeated >= 0]
-    present[rows, repeated[repeated >= 0]] = True
-    names = attacks.name_by_cooccurrence(present, attacks.blank_patches(ds.public_patches), k,
-                                         seed=seed)
+    present[rows[repeated >= 0], repeated[repeated >= 0]] = True
+    public = (attacks.near_blank_patches(ds.public_patches, present.sum(1).mean() * n / k)
+              if unplaced else attacks.blank_patches(ds.public_patches))
+    names = attacks.name_by_cooccurrence(present, public, k, seed=seed)
     names = np.concatenate([names, np.setdiff1d(np.arange(n), names)])  # never-blank ones
     groups, d2 = attacks.anchor_groups(flat, values, pdim, extra=n - len(values))
     scores = np.full((len(flat), n), -np.inf)
@@ -389,7 +393,8 @@ def evaluate_point(config, ds: _Data, hd: _Head, point: dict, seed: int) -> dict
 
     purity, spectral, blind = _grouping(config, ds, sent, positions, order,
                                         point["noise_std"], seed + 1)
-    anchored = _anchors(config, ds, sent, assign, point["noise_std"], seed + 3)
+    anchored = _anchors(config, ds, sent, assign, point["noise_std"], seed + 3,
+                        point.get("constant_patches", "placed") == "unplaced")
     purity["anchors"] = (None if anchored is None else
                          leakage.cluster_purity(anchored[0], positions.reshape(-1)))
     order_only = accuracy(assign(np.zeros((s, k, n))))
