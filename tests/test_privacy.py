@@ -178,8 +178,7 @@ def _blank_anchor_attack(dim: int, victims: np.ndarray, constant_patches: str = 
     s, k, _ = sent.shape
     flat, truth = sent.reshape(-1, dim), positions.reshape(-1)
     values, repeated = attacks.repeated_tokens(flat, N, min_count=s // 50)
-    present = np.zeros((s, len(values)), bool)
-    present[np.repeat(np.arange(s), k)[repeated >= 0], repeated[repeated >= 0]] = True
+    present = attacks.presence(repeated, np.repeat(np.arange(s), k), s, len(values))
     public = attacks.blank_patches(_patches(_images("test", 1000)))
     names = attacks.name_by_cooccurrence(present, public, k)
     groups, _ = attacks.anchor_groups(flat, values, P, extra=N - len(values))

@@ -672,6 +672,15 @@ def near_blank_patches(patches, per_image: float) -> np.ndarray:
     return distance <= threshold
 
 
+def presence(groups, samples, num_samples: int, num_groups: int) -> np.ndarray:
+    """Tokens' groups `[T]` (-1: none) and samples `[T]` -> `[num_samples, num_groups]` bool:
+    group g among sample s's tokens (what `name_by_cooccurrence` reads)."""
+    groups, samples = np.asarray(groups), np.asarray(samples)
+    present = np.zeros((num_samples, num_groups), bool)
+    present[samples[groups >= 0], groups[groups >= 0]] = True
+    return present
+
+
 def name_by_cooccurrence(present, public_blank, kept: int, seed: int = 0,
                          restarts: int = 8) -> np.ndarray:
     """Names groups of repeated tokens (one blank position each) from which groups appear

@@ -340,8 +340,7 @@ def _anchors(config, ds: _Data, sent, assign, noise_std: float, seed: int, unpla
         values, repeated = attacks.repeated_tokens(flat, n, min_count=max(3, s // 50))
     if not len(values):
         return None
-    present = np.zeros((s, len(values)), bool)
-    present[rows[repeated >= 0], repeated[repeated >= 0]] = True
+    present = attacks.presence(repeated, rows, s, len(values))
     public = (attacks.near_blank_patches(ds.public_patches, present.sum(1).mean() * n / k)
               if unplaced else attacks.blank_patches(ds.public_patches))
     names = attacks.name_by_cooccurrence(present, public, k, seed=seed)
