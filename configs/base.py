@@ -22,6 +22,12 @@ from smsd_jax.errors import SMSDError
 Variant = Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict]
 
 
+# The head every config used before 2026-12-03: tokens at the body's width (D 128 at small4)
+# and blank patches placed. The configs whose results were measured with it pin it, so that
+# their tables reproduce: `c.model.update(base.HEAD_BEFORE_2026_12_03)`.
+HEAD_BEFORE_2026_12_03 = dict(head_dim=0, constant_patches="placed")
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0

@@ -47,9 +47,7 @@ VARIANTS = base.variant_names(OWN)
 def get_config(arg: str | None = None):
     c = quickstart.get_config()
     c.workdir = "runs/curve_fashion"
-    # Its results (results/curve.*) were measured with the head before 2026-12-02: tokens
-    # at the body's width (D 128), blank patches placed; kept so that they reproduce.
-    c.model.update(head_dim=0, constant_patches="placed")
+    c.model.update(base.HEAD_BEFORE_2026_12_03)  # results/curve.* were measured with it
     c.data.update(subset=5000, num_sites=4, alpha=0.5)
     c.site.update(batch_size=500, shard_size=5000)
     c.server.update(checkpoint_every=1000, log_every=20)

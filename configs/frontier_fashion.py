@@ -50,9 +50,8 @@ VARIANTS = base.variant_names(OWN)
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = quickstart.get_config()
     c.workdir = "runs/frontier_fashion"
-    # The reference every setting's overrides start from, whatever the quickstart's default:
-    # tokens at the body's width (D 128) and blank patches placed, the head before 2026-12-02.
-    c.model.update(head_dim=0, constant_patches="placed")
+    # The reference every setting's overrides start from, whatever the quickstart's default.
+    c.model.update(base.HEAD_BEFORE_2026_12_03)
     c.privacy = privacy_fashion.get_config().privacy
     c.frontier = dict(
         seed=0,

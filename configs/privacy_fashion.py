@@ -63,9 +63,7 @@ VARIANTS = base.variant_names(OWN)
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = base.get_config()
     c.workdir = "runs/privacy_fashion"
-    # Its results (results/privacy.*) were measured with the head before 2026-12-02: tokens
-    # at the body's width (D 128), blank patches placed; kept so that they reproduce.
-    c.model.update(head_dim=0, constant_patches="placed")
+    c.model.update(base.HEAD_BEFORE_2026_12_03)  # results/privacy.* were measured with it
     # D, position std, keep and M come from config.model and config.site (the method's
     # defaults); the sweeps move one knob at a time around them.
     c.privacy = dict(

@@ -75,9 +75,7 @@ VARIANTS = base.variant_names(OWN)
 def get_config(arg: str | None = None):
     c = base.get_config()
     c.workdir = "runs/study_fashion"
-    # Its results (results/study.*) were measured with the head before 2026-12-02: tokens
-    # at the body's width (D 128), blank patches placed; kept so that they reproduce.
-    c.model.update(head_dim=0, constant_patches="placed")
+    c.model.update(base.HEAD_BEFORE_2026_12_03)  # results/study.* were measured with it
     # Reproducible heads and site keys; the study offsets both by the seed.
     c.consortium_seed = 2026
     c.site.secret_seed = 1000

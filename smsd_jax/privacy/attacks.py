@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from scipy import optimize, sparse, spatial
+from scipy import optimize, spatial
 from scipy.sparse import csgraph
 
 from smsd_jax.errors import SMSDError
@@ -635,7 +635,7 @@ def near_repeats(tokens, samples, max_groups: int, radius: float = 0.05,
     scale = radius * np.median(np.linalg.norm(tokens - tokens.mean(0), axis=-1))
     tree = spatial.cKDTree(values)
     near = tree.sparse_distance_matrix(tree, scale, output_type="coo_matrix")
-    near = sparse.coo_matrix((np.ones(near.nnz), (near.row, near.col)), shape=near.shape)
+    near.data[:] = 1.0  # linked; the diagonal's zero distances are stored too
     dense = (near @ counts) - 1 >= min_count  # tokens within `scale`, itself left out
     link = near.tocsr()[dense][:, dense]
     _, component = csgraph.connected_components(link, directed=False)
