@@ -14,16 +14,21 @@ from smsd_jax.study import comparison, summary as tables
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_plan_runs_pooled_methods_once_per_seed():
-    config = study_fashion.get_config()
+@pytest.mark.parametrize("variant", [None, "gpu"])
+def test_plan_runs_pooled_methods_once_per_seed(variant):
+    config = study_fashion.get_config(variant)
     runs = comparison.plan(config)
     methods = [(r["method"], r["partition"], r["seed"]) for r in runs if r["kind"] == "method"]
     assert len(methods) == len(set(methods))
     for seed in config.study.seeds:
-        for method in ("smsd", "fedavg_dino"):
-            assert {p for m, p, s in methods if m == method and s == seed} == {"iid", "dirichlet"}
-        for method in comparison.POOLED:
-            assert [p for m, p, s in methods if m == method and s == seed] == ["pooled"]
+        image_dino = seed in config.study.image_dino_seeds
+        assert {p for m, p, s in methods if m == "smsd" and s == seed} == \
+            set(config.study.partitions)
+        assert {p for m, p, s in methods if m == "fedavg_dino" and s == seed} == \
+            (set(config.study.partitions) if image_dino else set())
+        assert [p for m, p, s in methods if m == "finetune_only" and s == seed] == ["pooled"]
+        assert [p for m, p, s in methods if m == "centralized_dino" and s == seed] == \
+            (["pooled"] if image_dino else [])
     ablations = [r for r in runs if r["kind"] == "ablation"]
     assert [r["ablation"] for r in ablations] == list(config.study.ablations)
     assert len({r["dir"] for r in runs}) == len(runs)  # every run has its own folder

@@ -39,6 +39,7 @@ from smsd_jax.study import summary as summary_tables
 
 METHODS = ("smsd", "fedavg_dino", "centralized_dino", "finetune_only")
 POOLED = ("centralized_dino", "finetune_only")  # do not depend on how the sites split the data
+IMAGE_DINO = ("fedavg_dino", "centralized_dino")  # run only for config.study.image_dino_seeds
 RUN_FILE = "run.json"
 
 
@@ -186,11 +187,14 @@ def run_method(config, method: str, run_dir: Path, train, test) -> dict:
 
 def plan(config) -> list[dict]:
     """Every run of the study, in order: `{"kind", "method", "partition", "seed", "ablation",
-    "dir"}` (dir relative to the study folder). Pooled methods run once per seed."""
+    "dir"}` (dir relative to the study folder). Pooled methods run once per seed; the image-DINO
+    baselines only for the seeds of `config.study.image_dino_seeds`."""
     s = config.study
     runs = []
     for seed in s.seeds:
         for method in s.methods:
+            if method in IMAGE_DINO and seed not in s.image_dino_seeds:
+                continue
             partitions = ("pooled",) if method in POOLED else s.partitions
             for partition in partitions:
                 runs.append(dict(kind="method", method=method, partition=partition, seed=seed,

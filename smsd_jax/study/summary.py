@@ -61,14 +61,16 @@ def _cost_stats(records: list[dict]) -> dict | None:
 
 
 def _difference(a: dict, b: dict) -> dict:
-    """Mean difference a - b per probe and fraction, with the std of the difference of means."""
+    """Mean difference a - b per probe and fraction, with the std of the difference of means
+    (a method with one seed adds no spread: its seed-to-seed variation is not measured)."""
     out = {}
     for probe in a:
         for f in a[probe]:
             if f in b.get(probe, {}):
                 x, y = a[probe][f]["accuracy"], b[probe][f]["accuracy"]
                 se = np.sqrt(x["std"] ** 2 / x["n"] + y["std"] ** 2 / y["n"])
-                out.setdefault(probe, {})[f] = dict(mean=x["mean"] - y["mean"], se=float(se))
+                out.setdefault(probe, {})[f] = dict(mean=x["mean"] - y["mean"], se=float(se),
+                                                    seeds=[x["n"], y["n"]])
     return out
 
 
@@ -104,7 +106,8 @@ def summarize(config, records: list[dict]) -> dict:
         server_epochs=config.server.epochs, batch=config.server.batch_size,
         keep=config.site.keep, samples=config.site.num_samples,
         fedavg_rounds=config.baselines.rounds, fedavg_local_epochs=config.baselines.local_epochs,
-        seeds=list(s.seeds), label_fractions=list(config.downstream.label_fractions),
+        seeds=list(s.seeds), image_dino_seeds=list(s.image_dino_seeds),
+        label_fractions=list(config.downstream.label_fractions),
         finetune_fractions=list(config.downstream.finetune_fractions),
         finetune_epochs=config.downstream.finetune_epochs,
         finetune_min_steps=config.downstream.finetune_min_steps,
@@ -182,7 +185,10 @@ def comparison_lines(comparisons: dict) -> list[str]:
         for pair, diffs in pairs.items():
             parts = [f"{title} {100 * float(f):g}%: {100 * d['mean']:+.1f} ± {100 * d['se']:.1f}"
                      for probe, title in PROBES for f, d in diffs.get(probe, {}).items()]
-            lines.append(f"- {partition}, {pair}: " + "; ".join(parts))
+            single = any(1 in d.get("seeds", ()) for p in diffs.values() for d in p.values())
+            lines.append(f"- {partition}, {pair}: " + "; ".join(parts)
+                         + (" (one side has one seed: its spread is not in the error)"
+                            if single else ""))
     return lines
 
 
@@ -197,15 +203,18 @@ def markdown(summary: dict) -> str:
         f"pooled images at batch {s['batch']} for SMSD's server and centralized DINO; "
         f"FedAvg-DINO {s['fedavg_rounds']} rounds x {s['fedavg_local_epochs']:g} local epochs "
         f"(the same images seen). SMSD sites: keep {s['keep']}, M = {s['samples']}. "
-        f"Seeds {s['seeds']}; cells are mean ± std over seeds (accuracy %, 10 classes). "
+        f"Seeds {s['seeds']} (FedAvg-DINO and centralized DINO: "
+        f"{s.get('image_dino_seeds', s['seeds'])}); cells are mean ± std over seeds where "
+        "there are several (accuracy %, 10 classes). "
         f"Fine-tuning: up to {s['finetune_epochs']} epochs, at least "
         f"{s.get('finetune_min_steps', 0)} and at most {s['finetune_max_steps'] or 'any number of'}"
         f" steps, the best validation epoch tested. Time: "
         f"{summary.get('wall_s', 0) / 60:.1f} min, the sum of the runs' times.",
         "",
         "Fine-tune only and centralized DINO do not depend on how the sites split the data "
-        "(labels are drawn from the pooled images), so their rows repeat in both tables; their "
-        "linear and k-NN columns for fine-tune only are probes of the random, untrained body.",
+        "(labels are drawn from the pooled images), so their rows repeat in every partition's "
+        "table; the linear and k-NN columns of fine-tune only are probes of the random, "
+        "untrained body.",
     ]
     for partition, table in summary["table"].items():
         out += ["", f"## Accuracy, sites {partition}", "", metrics_table(table),
