@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Data: the built-in real data set (Debian's dataset-fashion-mnist), or a user's.
     c.data = dict(
-        source="fashion_mnist",  # fashion_mnist | medmnist | folder | tfds
+        source="fashion_mnist",  # fashion_mnist | medmnist | folder | tfds | mask_folder | nifti
         path="",                 # .npz (medmnist), folder root (folder), data_dir (tfds)
         labels_csv="",           # folder: CSV with columns path,label (train split; multilabel:
                                  # path and one column per finding)
@@ -53,6 +53,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                  # columns, in order; (): finding_0, ... / every column but path
         uncertain="ignore",      # multilabel CSV, a -1 cell: ignore (masked out of loss and
                                  # metrics) | zeros | ones; an empty cell is 0 (not mentioned)
+        # segmentation (a class per pixel, 0 the background; for site splits an image's label
+        # is its most frequent structure), from mask_folder (path / test_path: folders of
+        # images/ and masks/, a PNG of class ids per image) or nifti (path: a 3-D scan; atlas:
+        # labels on its grid, sliced along slice_axis; the slices in test_block, fractions of
+        # the labelled ones, are the test split, slice_gap slices each side of it unused;
+        # configs/segment_mri.py).
+        test_path="",
+        class_names=(),          # segmentation: every class, background first
+        atlas="", atlas_labels="",  # nifti: label volume; its "index name" file
+        label_groups=(),         # nifti: ((class, prefixes of atlas region names), ...) in
+                                 # class order; (): the atlas's values are the classes
+        slice_axis=0, test_block=(0.5, 1.0), slice_gap=3,
         image_size=28,
         channels=1,
         mean=0.286, std=0.353,   # pixel normalisation after scaling to [0, 1]
@@ -144,6 +156,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         finetune_min_steps=500,
         finetune_max_steps=0,  # > 0: at most this many fine-tuning steps (a budget cap)
         eval_batch_size=1000,
+        # Segmentation (data.task): a linear tail per patch on frozen token features, trained
+        # with Dice + cross-entropy on every labelled training image (smsd_jax/segmentation.py).
+        segment_steps=500, segment_lr=1e-2,
     )
     return apply_variants(c, arg, config=__file__)
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from smsd_jax import consortium, data, evaluation, export, files, models, ops
+from smsd_jax import consortium, data, evaluation, export, files, models, ops, segmentation
 from smsd_jax.errors import NotFiniteError, SMSDError
 from smsd_jax.layout import Layout
 
@@ -316,7 +316,7 @@ def _forward(model, params, images, *, method, mean, std):
     return model.apply({"params": params}, _normalise(images, mean, std), method=method)
 
 
-def _apply_in_batches(model: models.ViTClassifier, params, source, indices, *, batch_size: int,
+def apply_in_batches(model: models.ViTClassifier, params, source, indices, *, batch_size: int,
                       mean: float, std: float, method: str | None) -> np.ndarray:
     """`model.apply(method=...)` over `source[indices]` in order: `[n, ...]` float32.
 
@@ -339,7 +339,7 @@ def extract_features(model: models.ViTClassifier, params, source, indices, *, ba
     Images are normalised as `(x - mean) / std`; `params` are the classifier's
     (`{"head", "body", "tail"}`).
     """
-    return _apply_in_batches(model, params, source, indices, batch_size=batch_size, mean=mean,
+    return apply_in_batches(model, params, source, indices, batch_size=batch_size, mean=mean,
                              std=std, method="features")
 
 
@@ -354,7 +354,7 @@ def evaluate_model(model: models.ViTClassifier, params, source, indices, *, batc
                    mean: float, std: float) -> dict:
     """`{"accuracy", "auc"}` of the classifier's predictions on `source[indices]` (multi-label:
     `Targets.evaluate`'s mean and per-finding AUC and AP)."""
-    logits = _apply_in_batches(model, params, source, indices, batch_size=batch_size,
+    logits = apply_in_batches(model, params, source, indices, batch_size=batch_size,
                                mean=mean, std=std, method=None)
     return Targets.of(source, indices).evaluate(
         probabilities(logits, data.is_multilabel(source)))
@@ -607,7 +607,8 @@ def evaluate_body(config, head_dir, body: models.ViTBody, body_params, *, train_
       name: the row's name in results and progress lines.
 
     Returns:
-      What `evaluate_pretrained` returns.
+      What `evaluate_pretrained` returns; segmentation data: what
+      `segmentation.evaluate_pretrained` returns.
     """
     head, head_params, head_meta = consortium.load_head(head_dir)
     if head.dim != body.input_dim:
@@ -615,8 +616,10 @@ def evaluate_body(config, head_dir, body: models.ViTBody, body_params, *, train_
                         f"body takes width {body.input_dim}; use the body trained for this head")
     for source in (train_source, test_source):
         data.checks.head_fits(consortium.image_shape(head, head_meta), head_dir, source)
-    return evaluate_pretrained(config, head, head_params, body, body_params,
-                               train_source=train_source, test_source=test_source, name=name)
+    evaluate = (segmentation.evaluate_pretrained if data.is_segmentation(train_source) else
+                evaluate_pretrained)
+    return evaluate(config, head, head_params, body, body_params, train_source=train_source,
+                    test_source=test_source, name=name)
 
 
 def evaluate_pretrained(config, head: models.ViTHead, head_params, body: models.ViTBody,
@@ -736,14 +739,17 @@ def downstream_stage(config, layout: Layout, head_dir: str | Path | None = None,
     head_dir, body_dir = head_dir or layout.head, body_dir or layout.body
     train, test = data.load_source(config.data, "train"), data.load_source(config.data, "test")
     body, params, _ = export.load_body(body_dir)
+    segment = data.is_segmentation(train)
     results = []
     if baselines:
-        results.append(evaluate_pixels(config, train, test))
+        pixels = segmentation.evaluate_pixels if segment else evaluate_pixels
+        results.append(pixels(config, train, test))
         results.append(evaluate_body(config, head_dir, body, None, train_source=train,
                                      test_source=test, name="random body"))
     results.append(evaluate_body(config, head_dir, body, params, train_source=train,
                                  test_source=test, name="SMSD body"))
-    table = results_table(results, config.downstream.label_fractions)
+    table = (segmentation.results_table(results) if segment else
+             results_table(results, config.downstream.label_fractions))
     files.write_json(layout.downstream_json, results)
     files.write_text(layout.results / "results.md", table + "\n")
     print(table)

@@ -110,6 +110,9 @@ def evaluate_multilabel(scores, labels, mask, finding_names) -> dict:
 
 def headline_metric(results: list[dict]) -> str:
     """What tables and figures show of downstream `results` (`downstream.evaluate_body`):
-    "accuracy", or "auc" (the mean AUC over findings) when they are multi-label."""
+    "accuracy", "auc" (the mean AUC over findings) when they are multi-label, or "dice" (the
+    mean Dice over foreground classes) for segmentation."""
+    if any("segment" in r for r in results):
+        return "dice"
     entries = [m for r in results for p in PROBES for m in r.get(p, {}).values()]
     return "auc" if any("auc_per_finding" in m for m in entries) else "accuracy"

@@ -72,8 +72,15 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
 def accuracy_table(results: list[dict]) -> tuple[list[str], list[str], np.ndarray]:
     """(bar groups "probe fraction%", body names, accuracy % `[bodies, groups]`, NaN where
     a body lacks a probe) from the results of `downstream.evaluate_body`/`evaluate_pixels`;
-    multi-label results give 100 x their mean AUC (`evaluation.headline_metric`)."""
+    multi-label results give 100 x their mean AUC (`evaluation.headline_metric`); segmentation
+    results 100 x the Dice of each foreground class and their mean."""
     metric = evaluation.headline_metric(results)
+    if metric == "dice":
+        classes = results[0]["segment"]["classes"][1:]
+        dice = lambda r, c: math.nan if r["segment"]["dice"][c] is None else r["segment"]["dice"][c]
+        table = np.array([[100 * dice(r, c) for c in classes] + [100 * r["segment"]["mean_dice"]]
+                          for r in results])
+        return [*classes, "mean"], [r["name"] for r in results], table
     groups = [(probe, fraction) for probe in evaluation.PROBES
               for fraction in sorted({f for r in results for f in r.get(probe, {})}, key=float)]
     table = np.array([[100 * r[p][f][metric] if f in r.get(p, {}) else math.nan
@@ -129,7 +136,8 @@ def downstream_figure(results: list[dict]) -> Figure:
     """Grouped bars: accuracy (multi-label: mean AUC x 100) of each body (and raw pixels) per
     probe and label fraction."""
     groups, names, table = accuracy_table(results)
-    what = "accuracy" if evaluation.headline_metric(results) == "accuracy" else "mean AUC"
+    what = {"accuracy": "accuracy", "auc": "mean AUC", "dice": "Dice"}[
+        evaluation.headline_metric(results)]
     fig = Figure(figsize=(max(6.0, 0.8 * len(groups) * len(names)), 4.5), layout="constrained")
     ax = fig.subplots()
     width = 0.8 / len(names)
@@ -142,7 +150,8 @@ def downstream_figure(results: list[dict]) -> Figure:
     ax.set_xticks(x, groups)
     ax.set_ylabel(f"test {what} ({'%' if what == 'accuracy' else 'x 100'})")
     ax.set_ylim(0, 105)
-    ax.set_title(f"downstream {what} at a site (share of labels used)")
+    ax.set_title(f"downstream {what} at a site " + ("(per class, frozen body)" if what == "Dice"
+                                                     else "(share of labels used)"))
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return fig

@@ -50,10 +50,15 @@ def summary_lines(summary: dict) -> str:
     """What a person reads at the end: time, bytes, the teacher's entropy, the gains."""
     timings, final = summary["timings"], summary["server"]
     random, smsd = summary["results"][1], summary["results"][2]
-    metric = evaluation.headline_metric(summary["results"])  # accuracy, or mean AUC
-    gain = lambda probe, frac: 100 * (smsd[probe][frac][metric] - random[probe][frac][metric])
-    gains = ", ".join(f"{probe} {frac}: {gain(probe, frac):+.1f}"
-                      for probe in ("linear", "knn") for frac in smsd[probe])
+    metric = evaluation.headline_metric(summary["results"])  # accuracy, mean AUC or Dice
+    if metric == "dice":
+        dice = lambda r: 100 * r["segment"]["mean_dice"]
+        gains = f"mean Dice {dice(smsd) - dice(random):+.1f}"
+    else:
+        gain = lambda probe, frac: 100 * (smsd[probe][frac][metric] - random[probe][frac][metric])
+        gains = ", ".join(f"{probe} {frac}: {gain(probe, frac):+.1f}"
+                          for probe in ("linear", "knn") for frac in smsd[probe])
+    unit = {"accuracy": "accuracy points", "auc": "mean AUC x 100", "dice": "Dice x 100"}[metric]
     return "\n".join([
         f"\nsingle round: {sum(timings.values()) / 60:.1f} min "
         f"(sites {timings['sites_s']:.0f} s, server {timings['server_s']:.0f} s, "
@@ -61,5 +66,4 @@ def summary_lines(summary: dict) -> str:
         f"{np.mean(summary['payload_bytes_per_site']) / 2**20:.1f} MB on average",
         f"teacher entropy at the end: {final['teacher_entropy']:.2f} "
         f"(ln(out_dim) = {final['max_entropy']:.2f} is uniform collapse, 0 one-hot collapse)",
-        f"SMSD body against the random body "
-        f"({'accuracy points' if metric == 'accuracy' else 'mean AUC x 100'}): {gains}"])
+        f"SMSD body against the random body ({unit}): {gains}"])

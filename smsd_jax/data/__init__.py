@@ -1,11 +1,16 @@
 """Data: sources (Fashion-MNIST, MedMNIST .npz, PNG/JPEG/DICOM folders, TFDS; single- or
-multi-label), site partitions, and grain pipelines for sites and downstream training."""
+multi-label; segmentation masks from PNG folders or NIfTI atlases), site partitions, and grain
+pipelines for sites and downstream training."""
 
 from smsd_jax.data import checks
 from smsd_jax.data.augment import Augment
 from smsd_jax.data.augment import SiteSamples
 from smsd_jax.data.augment import ToFloat
 from smsd_jax.data.augment import augment_from_config
+from smsd_jax.data.masks import SegmentationSource
+from smsd_jax.data.masks import is_segmentation
+from smsd_jax.data.masks import mask_folder
+from smsd_jax.data.masks import nifti_slices
 from smsd_jax.data.partition import check_kind
 from smsd_jax.data.partition import dirichlet_partition
 from smsd_jax.data.partition import iid_partition

@@ -346,17 +346,21 @@ def _read_picture(path: str) -> np.ndarray:
         return np.asarray(picture.convert("RGB"))
 
 
+def read_pixels(path: str) -> np.ndarray:
+    """Decodes a PNG/JPEG/DICOM file to uint8 [H, W] or [H, W, 3], at its own size."""
+    try:
+        is_dicom = path.lower().endswith(_DICOM_SUFFIXES)
+        return _read_dicom(path) if is_dicom else _read_picture(path)
+    except (OSError, InvalidDicomError) as e:
+        raise SMSDError(f"{path}: cannot read the image ({e}); fix or remove the file.") from e
+
+
 def load_image(path: str, image_size: int, channels: int) -> np.ndarray:
     """Reads a PNG/JPEG/DICOM file into uint8 [image_size, image_size, channels].
 
     The whole image is resized (bilinear, no crop) and converted gray <-> RGB as asked.
     """
-    try:
-        is_dicom = path.lower().endswith(_DICOM_SUFFIXES)
-        pixels = _read_dicom(path) if is_dicom else _read_picture(path)
-    except (OSError, InvalidDicomError) as e:
-        raise SMSDError(f"{path}: cannot read the image ({e}); fix or remove the file.") from e
-    picture = Image.fromarray(pixels).convert("L" if channels == 1 else "RGB")
+    picture = Image.fromarray(read_pixels(path)).convert("L" if channels == 1 else "RGB")
     picture = picture.resize((image_size, image_size), Image.Resampling.BILINEAR)
     return np.asarray(picture).reshape(image_size, image_size, channels)
 

@@ -404,6 +404,12 @@ class ViTClassifier(nn.Module):
         feature, _ = self.body(self.head(images))
         return feature.astype(jnp.float32)
 
+    def token_features(self, images: jax.Array) -> jax.Array:
+        """images `[B, H, W, C]` -> token features `[B, N, D]` of all N patches in grid order
+        (the body is order-equivariant: the site's own order comes back); for dense tails."""
+        _, tokens = self.body(self.head(images))
+        return tokens.astype(jnp.float32)
+
 
 def token_width(config) -> int:
     """The width of the tokens a site sends: `config.model.head_dim`, or the body's width
