@@ -159,6 +159,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # Segmentation (data.task): a linear tail per patch on frozen token features, trained
         # with Dice + cross-entropy on every labelled training image (smsd_jax/segmentation.py).
         segment_steps=500, segment_lr=1e-2,
+        # --mode=sites: each site holds out this share of each class of its own images as its
+        # own test set, and labels from the rest (smsd_jax/per_site.py).
+        site_test_fraction=0.2,
     )
     return apply_variants(c, arg, config=__file__)
 

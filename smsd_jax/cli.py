@@ -32,6 +32,8 @@ MODES = {
     "site": "stage 1 at one site (--site): encode and encrypt its images into its payload, once",
     "server": "stage 2: masked sampling distillation over all payloads; exports the body",
     "downstream": "stage 3 at a site: linear probe, k-NN and fine-tuning of head + body + tail",
+    "sites": "stage 3 at every site on its own data: probes and fine-tuning on its own labels, "
+             "tested on the global test split and its own held-out images",
     "report": "PNGs of the server's training curves and the downstream accuracies",
     "privacy": "attacks of an honest-but-curious server on payloads (config.privacy)",
     "study": "SMSD against fine-tune only, FedAvg-DINO and centralized DINO (config.study)",
@@ -68,8 +70,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --distributed: this
 def run(argv) -> None:
     """Checks the flags and the config, then runs the mode's stage."""
     # Imported here so that `--help` answers without loading JAX.
-    from smsd_jax import (consortium, distributed, downstream, privacy, report, server, simulate,
-                          site, study, validate)
+    from smsd_jax import (consortium, distributed, downstream, per_site, privacy, report, server,
+                          simulate, site, study, validate)
     from smsd_jax.layout import Layout
 
     if len(argv) > 1:
@@ -98,6 +100,8 @@ def run(argv) -> None:
         server.run_server(config, _PAYLOADS.value, layout)
     elif mode == "downstream":
         downstream.downstream_stage(config, layout, head, _BODY.value and Path(_BODY.value))
+    elif mode == "sites":
+        per_site.evaluate_sites(config, layout)
     elif mode == "report":
         for path in report.draw_report(layout):
             print(f"report: {path}")

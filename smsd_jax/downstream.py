@@ -536,30 +536,40 @@ def _key(fraction: float) -> str:
 
 
 def _probe_features(config, name: str, train_feats, train_idx, subsets: dict,
-                    train: Targets, test_feats, test: Targets, num_classes: int) -> dict:
+                    train: Targets, test_feats, test: Targets, num_classes: int,
+                    local: tuple | None = None) -> dict:
     """Linear probe and k-NN at each fraction, on features `train_feats` of `train_idx`.
 
     `subsets` maps each fraction to sorted indices contained in the sorted `train_idx`;
-    `train` and `test` are the targets of `train_idx` and of the test features.
-    Returns `{"linear": {fraction: metrics}, "knn": {...}, "labelled": {fraction: count}}`.
+    `train` and `test` are the targets of `train_idx` and of the test features. `local`:
+    `(features, Targets)` of a second test set, scored by the same fitted probes.
+    Returns `{"linear": {fraction: metrics}, "knn": {...}, "labelled": {fraction: count}}`,
+    and with `local` its metrics under "local" (`{"linear": ..., "knn": ...}`).
     """
     cfg = config.downstream
+    scored = test_feats if local is None else np.concatenate([test_feats, local[0]])
     probes = {
-        "linear": lambda x, y: linear_probe(x, y.labels, test_feats, num_classes=num_classes,
+        "linear": lambda x, y: linear_probe(x, y.labels, scored, num_classes=num_classes,
                                             steps=cfg.linear_steps, lr=cfg.linear_lr,
                                             seed=config.seed, mask=y.mask),
-        "knn": lambda x, y: knn_classify(x, y.labels, test_feats, num_classes=num_classes,
+        "knn": lambda x, y: knn_classify(x, y.labels, scored, num_classes=num_classes,
                                          k=knn_neighbours(cfg.knn_k, len(y.labels)),
                                          temp=cfg.knn_temp, mask=y.mask),
     }
     results = {what: {} for what in probes}
     results["labelled"] = {}
+    if local is not None:
+        results["local"] = {what: {} for what in probes}
     for fraction, idx in subsets.items():
         rows = np.searchsorted(train_idx, idx)
         results["labelled"][_key(fraction)] = len(idx)
         for what, probe in probes.items():
             start = time.perf_counter()
-            metrics = test.evaluate(probe(train_feats[rows], train.take(rows)))
+            scores = probe(train_feats[rows], train.take(rows))
+            metrics = test.evaluate(scores[:len(test_feats)])
+            if local is not None:
+                results["local"][what][_key(fraction)] = local[1].evaluate(
+                    scores[len(test_feats):])
             if what == "knn":
                 metrics["k"] = knn_neighbours(cfg.knn_k, len(idx))
             results[what][_key(fraction)] = metrics
@@ -595,7 +605,7 @@ def _subsets(config, train_source, candidates: np.ndarray) -> dict:
 
 
 def evaluate_body(config, head_dir, body: models.ViTBody, body_params, *, train_source,
-                  test_source, name: str) -> dict:
+                  test_source, name: str, **where) -> dict:
     """The downstream protocol for one body at a site whose head is in `head_dir`.
 
     Args:
@@ -605,6 +615,7 @@ def evaluate_body(config, head_dir, body: models.ViTBody, body_params, *, train_
       body: the body's module; body_params: its parameters as `export.load_body` returns
         them, or None for a randomly initialised body seeded by `config.seed` (a baseline).
       name: the row's name in results and progress lines.
+      **where: `candidates` and `local_idx` of `evaluate_pretrained` (classification only).
 
     Returns:
       What `evaluate_pretrained` returns; segmentation data: what
@@ -619,11 +630,13 @@ def evaluate_body(config, head_dir, body: models.ViTBody, body_params, *, train_
     evaluate = (segmentation.evaluate_pretrained if data.is_segmentation(train_source) else
                 evaluate_pretrained)
     return evaluate(config, head, head_params, body, body_params, train_source=train_source,
-                    test_source=test_source, name=name)
+                    test_source=test_source, name=name, **where)
 
 
 def evaluate_pretrained(config, head: models.ViTHead, head_params, body: models.ViTBody,
-                        body_params, *, train_source, test_source, name: str) -> dict:
+                        body_params, *, train_source, test_source, name: str,
+                        candidates: np.ndarray | None = None,
+                        local_idx: np.ndarray | None = None) -> dict:
     """Linear probe and k-NN at every `config.downstream.label_fractions`, and fine-tuning of
     head + body + tail at every `config.downstream.finetune_fractions`.
 
@@ -641,6 +654,10 @@ def evaluate_pretrained(config, head: models.ViTHead, head_params, body: models.
     validation accuracy, or mean AUC, both scaled up together for a small labelled set:
     `fit`), and the test set scores the parameters of the best validation epoch; a "finetune"
     entry adds `fit`'s info ("best_epoch", "val_accuracy" or "val_auc" per epoch, ...).
+
+    `candidates`: the images that may be labelled (default `labelled_candidates`); `local_idx`:
+    images of `train_source` outside them, a second test set (a site's own held-out images),
+    scored by the same probes and fine-tuned models under "local".
     """
     data.checks.same_task(train_source, test_source)
     cfg, mean, std = config.downstream, config.data.mean, config.data.std
@@ -652,7 +669,8 @@ def evaluate_pretrained(config, head: models.ViTHead, head_params, body: models.
     if body_params is not None:
         params["body"] = body_params
 
-    candidates = labelled_candidates(config, train_source)
+    if candidates is None:
+        candidates = labelled_candidates(config, train_source)
     subsets = _subsets(config, train_source, candidates)
     largest = subsets[max(subsets)]  # nested: it holds every smaller subset
     test_idx = held_out_indices(config, test_source)
@@ -660,11 +678,15 @@ def evaluate_pretrained(config, head: models.ViTHead, head_params, body: models.
     extract = functools.partial(extract_features, model, params, batch_size=cfg.eval_batch_size,
                                 mean=mean, std=std)
     train_feats, test_feats = extract(train_source, largest), extract(test_source, test_idx)
+    local = None if local_idx is None else (extract(train_source, local_idx),
+                                            Targets.of(train_source, local_idx))
     print(f"[{name}] features of {len(largest)} labelled + {len(test_idx)} test images, "
           f"{time.perf_counter() - start:.1f} s", flush=True)
     results = {"name": name, **_probe_features(
         config, name, train_feats, largest, subsets, Targets.of(train_source, largest),
-        test_feats, Targets.of(test_source, test_idx), train_source.num_classes)}
+        test_feats, Targets.of(test_source, test_idx), train_source.num_classes, local)}
+    evaluate = functools.partial(evaluate_model, model, batch_size=cfg.eval_batch_size,
+                                 mean=mean, std=std)
 
     results["finetune"] = {}
     for fraction in cfg.finetune_fractions:
@@ -673,30 +695,39 @@ def evaluate_pretrained(config, head: models.ViTHead, head_params, body: models.
         train_pos, val_pos = validation_split(train_source.labels[labelled],
                                               cfg.finetune_val_fraction, config.seed)
         start = time.perf_counter()
-        metrics = finetune(model, params, train_source, labelled[train_pos], test_source,
-                           test_idx, epochs=cfg.finetune_epochs, lr=cfg.finetune_lr,
-                           batch_size=cfg.batch_size, seed=config.seed, mean=mean, std=std,
-                           augment=cfg.get("augment"), val_idx=labelled[val_pos],
-                           patience=cfg.finetune_patience,
-                           eval_batch_size=cfg.eval_batch_size,
-                           max_steps=cfg.finetune_max_steps,
-                           min_steps=cfg.finetune_min_steps)
+        tuned, info = fit(model, params, train_source, labelled[train_pos],
+                          epochs=cfg.finetune_epochs, lr=cfg.finetune_lr,
+                          batch_size=cfg.batch_size, seed=config.seed, mean=mean, std=std,
+                          augment=cfg.get("augment"), val_idx=labelled[val_pos],
+                          patience=cfg.finetune_patience, eval_batch_size=cfg.eval_batch_size,
+                          max_steps=cfg.finetune_max_steps, min_steps=cfg.finetune_min_steps)
+        metrics = {**evaluate(tuned, test_source, test_idx), **info}
         results["finetune"][_key(fraction)] = metrics
+        if local_idx is not None:
+            results["local"]["finetune"] = {**results["local"].get("finetune", {}),
+                                            _key(fraction): evaluate(tuned, train_source,
+                                                                     local_idx)}
         _report(name, "finetune", fraction, len(labelled), metrics, start)
     return results
 
 
-def evaluate_pixels(config, train_source, test_source, name: str = "raw pixels") -> dict:
-    """Linear probe and k-NN on raw pixels: the dict of `evaluate_body` without "finetune"."""
+def evaluate_pixels(config, train_source, test_source, name: str = "raw pixels", *,
+                    candidates: np.ndarray | None = None,
+                    local_idx: np.ndarray | None = None) -> dict:
+    """Linear probe and k-NN on raw pixels: the dict of `evaluate_body` without "finetune"
+    (`candidates` and `local_idx` as in `evaluate_pretrained`)."""
     data.checks.same_task(train_source, test_source)
-    candidates = labelled_candidates(config, train_source)
+    if candidates is None:
+        candidates = labelled_candidates(config, train_source)
     subsets = _subsets(config, train_source, candidates)
     largest = subsets[max(subsets)]
     test_idx = held_out_indices(config, test_source)
+    local = None if local_idx is None else (raw_pixel_features(train_source, local_idx),
+                                            Targets.of(train_source, local_idx))
     return {"name": name, **_probe_features(
         config, name, raw_pixel_features(train_source, largest), largest, subsets,
         Targets.of(train_source, largest), raw_pixel_features(test_source, test_idx),
-        Targets.of(test_source, test_idx), train_source.num_classes)}
+        Targets.of(test_source, test_idx), train_source.num_classes, local)}
 
 
 # ---------------------------------------------------------------- report

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from smsd_jax import consortium, downstream, evaluation, models, validate
+from smsd_jax import consortium, data, downstream, evaluation, models, per_site, validate
 from smsd_jax.data import fashion_mnist
 
 MEAN, STD = 0.286, 0.353
@@ -77,6 +77,24 @@ def test_validation_split_is_stratified_disjoint_and_deterministic(train):
     assert not np.array_equal(val, downstream.validation_split(labels, 0.1, seed=4)[1])
     tr, val = downstream.validation_split(labels, 0.0, seed=3)
     assert val.size == 0 and tr.size == len(labels)
+
+
+def test_each_site_holds_out_a_share_of_its_own_classes(train):
+    config = base.get_config()
+    parts = data.split_sites(train.labels, config.data, seed=0)  # Dirichlet: non-IID sites
+    held_outs = []
+    for k, part in enumerate(parts):
+        pool, held = per_site.site_split(train.labels, part, 0.2, seed=0, site=k)
+        assert np.array_equal(np.sort(np.concatenate([pool, held])), np.sort(part))
+        assert not set(pool) & set(held)
+        mine, kept = (np.bincount(train.labels[x], minlength=10) for x in (part, held))
+        assert np.all(np.abs(kept - 0.2 * mine) <= 1)  # stratified by the site's own mix
+        held_outs.append(held)
+    # Another site, another draw; the same site, the same draw.
+    _, again = per_site.site_split(train.labels, parts[0], 0.2, seed=0, site=0)
+    assert np.array_equal(again, held_outs[0])
+    with pytest.raises(ValueError, match="site_test_fraction=1.0"):
+        per_site.site_split(train.labels, parts[0], 1.0, seed=0, site=0)
 
 
 def test_validation_split_takes_one_of_each_class_that_has_two():

@@ -240,3 +240,24 @@ def test_simulate_runs_the_whole_round_from_the_cli(tmp_path):
     # The server's entropy is logged against ln(out_dim), so collapse is visible.
     row = json.loads((workdir / "server" / "metrics.jsonl").read_text().splitlines()[-1])
     assert 0 < row["teacher_entropy"] <= row["max_entropy"] + 1e-6
+
+    # Then every site on its own data: the same body, each site's labels and held-out images.
+    result = subprocess.run(_cli("--mode=sites", "--config.model.head_dim=8", workdir=workdir),
+                            cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((workdir / "results" / "sites.json").read_text())
+    assert [s["site"] for s in report["sites"]] == [0, 1, 2, 3]
+    for s, images in zip(report["sites"], summary["images_per_site"]):
+        assert s["images"] == images and sum(s["classes"]) == images
+        assert 0 < s["local_test"] < images
+        assert [r["name"] for r in s["results"]] == names
+        for r in s["results"]:
+            assert set(r["local"]) == ({"linear", "knn"} if r["name"] == "raw pixels" else
+                                       {"linear", "knn", "finetune"})
+    mean = report["summary"]["local"]["SMSD body"]["linear"]["0.5"]
+    per_site = [100 * s["results"][2]["local"]["linear"]["0.5"]["accuracy"]
+                for s in report["sites"]]
+    assert mean["per_site"] == pytest.approx(per_site)
+    assert mean["mean"] == pytest.approx(np.mean(per_site))
+    text = (workdir / "results" / "sites.md").read_text()
+    assert "Tested on the site's own held-out images" in text and "| mean over sites |" in text
