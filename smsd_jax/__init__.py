@@ -9,6 +9,8 @@ The method, in the order it runs (docs/method.md):
     server.py       stage 2 at the server: the trainer (checkpoints.py, metrics_log.py),
                     ending with the body's export (export.py)
     downstream.py   stage 3 at each site: head + body + tail; linear probe, k-NN, fine-tuning
+    segmentation.py stage 3 for masks: a linear tail per patch token, Dice + cross-entropy
+    per_site.py     stage 3 at every site on its own labels and its own held-out images
     simulate.py     all of it for every site on one machine
 
 `smsd_jax.ops` (pure functional ops) and `smsd_jax.models` (Flax modules) are what other
