@@ -65,6 +65,7 @@ def summarize(sites: list[dict], metric: str) -> dict:
 def markdown(report: dict) -> str:
     """One table per test set: a row per site and body, then the mean ± std over sites."""
     metric = report["metric"]
+    bodies = [r["name"] for r in report["sites"][0]["results"]]  # JSON sorts the summary's keys
     unit = "accuracy %" if metric == "accuracy" else "mean AUC x 100"
     out = [f"# Each site on its own data ({unit})", "",
            f"{len(report['sites'])} sites; each holds out {100 * report['test_fraction']:g}% "
@@ -74,19 +75,23 @@ def markdown(report: dict) -> str:
         table = report["summary"].get(test, {})
         if not table:
             continue
-        first = next(iter(table.values()))
-        cols = [(p, f) for p in first for f in first[p]]
+        cols = [(p, f) for p in evaluation.PROBES
+                for f in sorted({f for probes in table.values() for f in probes.get(p, {})},
+                                key=float)]
         titles = [f"{evaluation.PROBES[p]} {100 * float(f):g}%" for p, f in cols]
+        cell = lambda probes, p, f, show: show(probes[p][f]) if f in probes.get(p, {}) else "-"
         out += ["", f"## Tested on {what}", "",
                 "| site (images, held out) | body | " + " | ".join(titles) + " |",
                 "|---|---|" + "---|" * len(cols)]
         for i, s in enumerate(report["sites"]):
-            for body, probes in table.items():
-                cells = [f"{probes[p][f]['per_site'][i]:.1f}" for p, f in cols]
+            for body, probes in ((b, table[b]) for b in bodies):
+                cells = [cell(probes, p, f, lambda c: f"{c['per_site'][i]:.1f}")
+                         for p, f in cols]
                 out.append(f"| {s['site']} ({s['images']}, {s['local_test']}) | {body} | "
                            + " | ".join(cells) + " |")
-        for body, probes in table.items():
-            cells = [f"{probes[p][f]['mean']:.1f} ± {probes[p][f]['std']:.1f}" for p, f in cols]
+        for body, probes in ((b, table[b]) for b in bodies):
+            cells = [cell(probes, p, f, lambda c: f"{c['mean']:.1f} ± {c['std']:.1f}")
+                     for p, f in cols]
             out.append(f"| mean over sites | {body} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 

@@ -261,3 +261,5 @@ def test_simulate_runs_the_whole_round_from_the_cli(tmp_path):
     assert mean["mean"] == pytest.approx(np.mean(per_site))
     text = (workdir / "results" / "sites.md").read_text()
     assert "Tested on the site's own held-out images" in text and "| mean over sites |" in text
+    # Every probe has its column (fine-tuning too, which raw pixels lack), bodies in order.
+    assert "| fine-tune 50% |" in text and text.index("| raw pixels |") < text.index("| SMSD")
