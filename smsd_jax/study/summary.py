@@ -143,7 +143,7 @@ def metrics_table(table: dict, metric: str = "accuracy") -> str:
     cols = _columns(table)
     lines = ["| method | " + " | ".join(c[2] for c in cols) + " |",
              "|---|" + "---|" * len(cols)]
-    for method, stats in table.items():
+    for method, stats in _in_order(table):
         cells = [_cell(stats.get(p, {}).get(f), metric) for p, f, _ in cols]
         lines.append(f"| {NAMES.get(method, method)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -156,7 +156,7 @@ def _mb(x: float) -> str:
 def cost_table(cost: dict) -> str:
     lines = ["| method | rounds | upload MB / site | download MB / site | site GFLOP | "
              "server GFLOP | images seen | pre-training s |", "|---|" + "---|" * 7]
-    for method, c in cost.items():
+    for method, c in _in_order(cost):
         if c is None:
             continue
         lines.append(
@@ -192,13 +192,17 @@ def comparison_lines(comparisons: dict) -> list[str]:
     return lines
 
 
+def _images(count: int | None, split: str) -> str:
+    return f"the first {count} {split} images" if count else f"all the {split} images"
+
+
 def markdown(summary: dict) -> str:
     s = summary["setup"]
     out = [
         "# SMSD against its baselines",
         "",
-        f"Data: {s['data']}, the first {s['images']} train images split over {s['sites']} "
-        f"sites; test: the held-out split (first {s['test_images']} images). Model: ViT "
+        f"Data: {s['data']}, {_images(s['images'], 'train')} split over {s['sites']} "
+        f"sites; test: {_images(s['test_images'], 'held-out')}. Model: ViT "
         f"`{s['model']}`, patch {s['patch']}. Pre-training: {s['server_epochs']:g} epochs of the "
         f"pooled images at batch {s['batch']} for SMSD's server and centralized DINO; "
         f"FedAvg-DINO {s['fedavg_rounds']} rounds x {s['fedavg_local_epochs']:g} local epochs "
@@ -229,6 +233,17 @@ def markdown(summary: dict) -> str:
 # ---------------------------------------------------------------- figures
 
 
+def _in_order(methods: dict) -> list:
+    """`methods.items()` in the tables' order (JSON sorts the keys of a saved summary)."""
+    rank = {m: i for i, m in enumerate(NAMES)}
+    return sorted(methods.items(), key=lambda item: rank.get(item[0], len(rank)))
+
+
+def _color(method: str) -> str:
+    """One colour per method in every panel."""
+    return f"C{list(NAMES).index(method)}" if method in NAMES else "grey"
+
+
 def fractions_figure(table: dict) -> Figure:
     """Accuracy against label fraction, one line per method: probes by row, partitions by
     column; error bars are the std over seeds."""
@@ -238,7 +253,7 @@ def fractions_figure(table: dict) -> Figure:
     for col, (partition, methods) in enumerate(table.items()):
         for row, (probe, title) in enumerate(probes):
             ax = axes[row][col]
-            for method, stats in methods.items():
+            for method, stats in _in_order(methods):
                 points = stats.get(probe, {})
                 if not points:
                     continue
@@ -246,7 +261,8 @@ def fractions_figure(table: dict) -> Figure:
                 x = [100 * float(f) for f in fractions]
                 y = [100 * points[f]["accuracy"]["mean"] for f in fractions]
                 err = [100 * points[f]["accuracy"]["std"] for f in fractions]
-                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=NAMES.get(method, method))
+                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=NAMES.get(method, method),
+                            color=_color(method))
             ax.set_xscale("log")
             ax.set_xlabel("labels used (% of the sites' images)")
             ax.set_ylabel("test accuracy %")
@@ -267,7 +283,7 @@ def bytes_figure(summary: dict, probe: str = "linear") -> Figure:
         if not fractions:
             continue
         f = fractions[len(fractions) // 2]
-        for method, stats in methods.items():
+        for method, stats in _in_order(methods):
             point, c = stats.get(probe, {}).get(f), cost[partition].get(method)
             if point is None:
                 continue
@@ -279,7 +295,7 @@ def bytes_figure(summary: dict, probe: str = "linear") -> Figure:
                 continue
             ax.errorbar(c["upload_bytes_per_site"] / 2 ** 20, acc,
                         yerr=100 * point["accuracy"]["std"], marker="o", capsize=3,
-                        label=NAMES.get(method, method))
+                        label=NAMES.get(method, method), color=_color(method))
         for a in summary["ablations"]:
             if a["partition"] == partition and f in a["metrics"].get(probe, {}):
                 x = a["cost"]["upload_bytes_per_site"] / 2 ** 20
