@@ -704,9 +704,8 @@ def evaluate_pretrained(config, head: models.ViTHead, head_params, body: models.
         metrics = {**evaluate(tuned, test_source, test_idx), **info}
         results["finetune"][_key(fraction)] = metrics
         if local_idx is not None:
-            results["local"]["finetune"] = {**results["local"].get("finetune", {}),
-                                            _key(fraction): evaluate(tuned, train_source,
-                                                                     local_idx)}
+            results["local"].setdefault("finetune", {})[_key(fraction)] = evaluate(
+                tuned, train_source, local_idx)
         _report(name, "finetune", fraction, len(labelled), metrics, start)
     return results
 

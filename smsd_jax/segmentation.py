@@ -75,10 +75,14 @@ def dice_ce_loss(logits: jax.Array, masks: jax.Array) -> jax.Array:
     return ce + jnp.sum((1.0 - dice[1:]) * present) / jnp.maximum(present.sum(), 1.0)
 
 
+@functools.partial(jax.jit, static_argnames=("patch",))
+def _classes(params: dict, feats: jax.Array, patch: int) -> jax.Array:
+    return jnp.argmax(tail_logits(params, feats, patch), -1).astype(jnp.uint8)
+
+
 def predict(params: dict, feats, patch: int, batch_size: int = 256) -> np.ndarray:
-    """The class of every pixel: uint8 `[n, S, S]`."""
-    step = jax.jit(lambda f: jnp.argmax(tail_logits(params, f, patch), -1).astype(jnp.uint8))
-    return np.concatenate([np.asarray(step(feats[i:i + batch_size]))
+    """The class of every pixel: uint8 `[n, S, S]` (one compiled function for every tail)."""
+    return np.concatenate([np.asarray(_classes(params, feats[i:i + batch_size], patch))
                            for i in range(0, len(feats), batch_size)])
 
 
