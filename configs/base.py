@@ -162,6 +162,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # --mode=sites: each site holds out this share of each class of its own images as its
         # own test set, and labels from the rest (smsd_jax/per_site.py).
         site_test_fraction=0.2,
+        # Several tasks for one body: name -> {"data": {...}, "downstream": {...}}, overrides
+        # of config.data and config.downstream for that task (smsd_jax/tasks.py; example:
+        # configs/cxr_tasks.py). Empty: config.data is the one task.
+        tasks={},
     )
     return apply_variants(c, arg, config=__file__)
 

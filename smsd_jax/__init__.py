@@ -11,6 +11,7 @@ The method, in the order it runs (docs/method.md):
     downstream.py   stage 3 at each site: head + body + tail; linear probe, k-NN, fine-tuning
     segmentation.py stage 3 for masks: a linear tail per patch token, Dice + cross-entropy
     per_site.py     stage 3 at every site on its own labels and its own held-out images
+    tasks.py        stage 3 on several tasks (single-label, multi-label, masks) at once
     simulate.py     all of it for every site on one machine
 
 `smsd_jax.ops` (pure functional ops) and `smsd_jax.models` (Flax modules) are what other

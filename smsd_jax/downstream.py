@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from smsd_jax import consortium, data, evaluation, export, files, models, ops, segmentation
+from smsd_jax import (consortium, data, evaluation, export, files, models, ops, segmentation,
+                      tasks)
 from smsd_jax.errors import NotFiniteError, SMSDError
 from smsd_jax.layout import Layout
 
@@ -760,15 +761,11 @@ def results_table(results: list[dict], fractions) -> str:
 # ---------------------------------------------------------------- the stage
 
 
-def downstream_stage(config, layout: Layout, head_dir: str | Path | None = None,
-                     body_dir: str | Path | None = None, baselines: bool = False) -> list:
-    """Stage 3 at a site of the work directory `layout`: probes of the body it got back
-    (`body_dir`, default `layout.body`) with its head (`head_dir`, default `layout.head`);
-    with `baselines`, the random body and raw pixels first. Writes `results/downstream.json`
-    and `results/results.md`; returns the results."""
-    head_dir, body_dir = head_dir or layout.head, body_dir or layout.body
+def evaluate_task(config, head_dir, body: models.ViTBody, body_params, *,
+                  baselines: bool = False) -> tuple[list[dict], str]:
+    """One task of stage 3 (`config.data` is what is labelled): the results of the body, after
+    raw pixels and the random body with `baselines`, and their Markdown table."""
     train, test = data.load_source(config.data, "train"), data.load_source(config.data, "test")
-    body, params, _ = export.load_body(body_dir)
     segment = data.is_segmentation(train)
     results = []
     if baselines:
@@ -776,11 +773,35 @@ def downstream_stage(config, layout: Layout, head_dir: str | Path | None = None,
         results.append(pixels(config, train, test))
         results.append(evaluate_body(config, head_dir, body, None, train_source=train,
                                      test_source=test, name="random body"))
-    results.append(evaluate_body(config, head_dir, body, params, train_source=train,
+    results.append(evaluate_body(config, head_dir, body, body_params, train_source=train,
                                  test_source=test, name="SMSD body"))
     table = (segmentation.results_table(results) if segment else
              results_table(results, config.downstream.label_fractions))
+    return results, table
+
+
+def downstream_stage(config, layout: Layout, head_dir: str | Path | None = None,
+                     body_dir: str | Path | None = None, baselines: bool = False) -> list:
+    """Stage 3 at a site of the work directory `layout`: probes of the body it got back
+    (`body_dir`, default `layout.body`) with its head (`head_dir`, default `layout.head`) on
+    `config.data`, or on each of `config.downstream.tasks` (`smsd_jax.tasks`); with
+    `baselines`, the random body and raw pixels first. Writes `results/downstream.json` (the
+    rows of every task, each with its "task" name when there are tasks) and
+    `results/results.md` (a table per task); returns the rows."""
+    head_dir, body_dir = head_dir or layout.head, body_dir or layout.body
+    body, params, _ = export.load_body(body_dir)
+    results, sections = [], []
+    for name, task in tasks.task_configs(config):
+        try:
+            rows, table = evaluate_task(task, head_dir, body, params, baselines=baselines)
+        except SMSDError as e:
+            if not name:
+                raise
+            raise type(e)(f"config.downstream.tasks.{name}: {e}") from e
+        results += [{**row, "task": name} for row in rows] if name else rows
+        sections.append(f"## {tasks.title(name, task)}\n\n{table}" if name else table)
+    text = "\n\n".join(sections)
     files.write_json(layout.downstream_json, results)
-    files.write_text(layout.results / "results.md", table + "\n")
-    print(table)
+    files.write_text(layout.results / "results.md", text + "\n")
+    print(text)
     return results

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from smsd_jax import evaluation, files
+from smsd_jax import evaluation, files, tasks
 from smsd_jax.layout import Layout
 from smsd_jax.errors import MissingInputError, SMSDError
 
@@ -132,9 +132,9 @@ def training_curves_figure(metrics: dict[str, np.ndarray]) -> Figure:
     return fig
 
 
-def downstream_figure(results: list[dict]) -> Figure:
-    """Grouped bars: accuracy (multi-label: mean AUC x 100) of each body (and raw pixels) per
-    probe and label fraction."""
+def downstream_figure(results: list[dict], task: str = "") -> Figure:
+    """Grouped bars: accuracy (multi-label: mean AUC x 100; segmentation: Dice) of each body
+    (and raw pixels) per probe and label fraction (per class), on the task named `task`."""
     groups, names, table = accuracy_table(results)
     what = {"accuracy": "accuracy", "auc": "mean AUC", "dice": "Dice"}[
         evaluation.headline_metric(results)]
@@ -150,8 +150,8 @@ def downstream_figure(results: list[dict]) -> Figure:
     ax.set_xticks(x, groups)
     ax.set_ylabel(f"test {what} ({'%' if what == 'accuracy' else 'x 100'})")
     ax.set_ylim(0, 105)
-    ax.set_title(f"downstream {what} at a site " + ("(per class, frozen body)" if what == "Dice"
-                                                     else "(share of labels used)"))
+    ax.set_title(f"{task + ': ' if task else ''}downstream {what} at a site "
+                 + ("(per class, frozen body)" if what == "Dice" else "(share of labels used)"))
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return fig
@@ -163,7 +163,8 @@ def draw_report(workdir: Layout | str | os.PathLike, out_dir: str | os.PathLike 
 
     Returns:
       The paths written: the training curves, then the downstream accuracy bars when
-      `workdir/results/downstream.json` exists.
+      `workdir/results/downstream.json` exists (one PNG per task when stage 3 had several,
+      `downstream_accuracy_<task>.png`).
 
     Raises:
       FileNotFoundError: `workdir/server/metrics.jsonl` does not exist (named).
@@ -173,6 +174,7 @@ def draw_report(workdir: Layout | str | os.PathLike, out_dir: str | os.PathLike 
     metrics = read_metrics(layout.metrics)
     results = read_downstream(layout.downstream_json)
     figures = {CURVES_PNG: training_curves_figure(metrics)}
-    if results:
-        figures[DOWNSTREAM_PNG] = downstream_figure(results)
+    for task, rows in tasks.by_task(results or []).items():
+        png = DOWNSTREAM_PNG.replace(".png", f"_{task}.png") if task else DOWNSTREAM_PNG
+        figures[png] = downstream_figure(rows, task)
     return [files.save_figure(out_dir / name, fig) for name, fig in figures.items()]

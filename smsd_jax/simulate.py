@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from smsd_jax import (accounting, consortium, data, downstream, evaluation, files, report,
-                      server, site)
+                      server, site, tasks)
 from smsd_jax.layout import Layout
 
 
@@ -46,11 +46,11 @@ def run_simulation(config, layout: Layout) -> dict:
     return summary
 
 
-def summary_lines(summary: dict) -> str:
-    """What a person reads at the end: time, bytes, the teacher's entropy, the gains."""
-    timings, final = summary["timings"], summary["server"]
-    random, smsd = summary["results"][1], summary["results"][2]
-    metric = evaluation.headline_metric(summary["results"])  # accuracy, mean AUC or Dice
+def gains_line(results: list[dict], task: str = "") -> str:
+    """The SMSD body against the random body on one task's rows (`downstream.evaluate_task`
+    with baselines: raw pixels, random body, SMSD body)."""
+    random, smsd = results[1], results[2]
+    metric = evaluation.headline_metric(results)  # accuracy, mean AUC or Dice
     if metric == "dice":
         dice = lambda r: 100 * r["segment"]["mean_dice"]
         gains = f"mean Dice {dice(smsd) - dice(random):+.1f}"
@@ -59,6 +59,13 @@ def summary_lines(summary: dict) -> str:
         gains = ", ".join(f"{probe} {frac}: {gain(probe, frac):+.1f}"
                           for probe in ("linear", "knn") for frac in smsd[probe])
     unit = {"accuracy": "accuracy points", "auc": "mean AUC x 100", "dice": "Dice x 100"}[metric]
+    return f"SMSD body against the random body{f' on {task}' if task else ''} ({unit}): {gains}"
+
+
+def summary_lines(summary: dict) -> str:
+    """What a person reads at the end: time, bytes, the teacher's entropy, the gains (one line
+    per downstream task)."""
+    timings, final = summary["timings"], summary["server"]
     return "\n".join([
         f"\nsingle round: {sum(timings.values()) / 60:.1f} min "
         f"(sites {timings['sites_s']:.0f} s, server {timings['server_s']:.0f} s, "
@@ -66,4 +73,4 @@ def summary_lines(summary: dict) -> str:
         f"{np.mean(summary['payload_bytes_per_site']) / 2**20:.1f} MB on average",
         f"teacher entropy at the end: {final['teacher_entropy']:.2f} "
         f"(ln(out_dim) = {final['max_entropy']:.2f} is uniform collapse, 0 one-hot collapse)",
-        f"SMSD body against the random body ({unit}): {gains}"])
+        *(gains_line(rows, task) for task, rows in tasks.by_task(summary["results"]).items())])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import jax
 
-from smsd_jax import models, ops, sharding, site
+from smsd_jax import models, ops, sharding, site, tasks
 from smsd_jax.data import check_kind, registry
 from smsd_jax.errors import SMSDError
 
@@ -27,15 +27,10 @@ def check_config(config) -> None:
     Where a stage checks a value itself, this calls that stage's check (one implementation).
     """
     d, m, s, v = config.data, config.model, config.site, config.server
-    _require(d.source in registry.SOURCES, "data.source", d.source,
-             f"use one of {registry.SOURCES}")
-    registry.check_task(d)
+    _check_labelled_data(d)
     check_kind(d.partition, d.task == "multilabel")
-    _require(d.channels in (1, 3), "data.channels", d.channels, "must be 1 or 3")
-    _require(d.std > 0, "data.std", d.std, "must be positive")
     _require(d.num_sites >= 1, "data.num_sites", d.num_sites, "must be at least 1")
     _require(d.alpha > 0, "data.alpha", d.alpha, "the Dirichlet concentration must be positive")
-    _require(d.subset >= 0, "data.subset", d.subset, "must be 0 (all) or a positive count")
     _require(m.size in models.PRESETS, "model.size", m.size, f"use one of {sorted(models.PRESETS)}")
     _require(m.patch_size >= 1 and d.image_size % m.patch_size == 0, "model.patch_size",
              m.patch_size, f"must divide data.image_size={d.image_size}")
@@ -74,11 +69,26 @@ def check_config(config) -> None:
     _require(0 <= v.drop_path < 1, "server.drop_path", v.drop_path,
              "the stochastic depth rate must be in [0, 1)")
     check_baselines(config)
-    for f in config.downstream.label_fractions:
+    _check_downstream(config.downstream)
+    check_tasks(config)
+
+
+def _check_labelled_data(d) -> None:
+    """The checks of `config.data` that hold for pre-training data and a task's data alike."""
+    _require(d.source in registry.SOURCES, "data.source", d.source,
+             f"use one of {registry.SOURCES}")
+    registry.check_task(d)
+    _require(d.channels in (1, 3), "data.channels", d.channels, "must be 1 or 3")
+    _require(d.std > 0, "data.std", d.std, "must be positive")
+    _require(d.subset >= 0, "data.subset", d.subset, "must be 0 (all) or a positive count")
+
+
+def _check_downstream(w) -> None:
+    """The checks of `config.downstream` (`w`), for the stage and for each task."""
+    for f in w.label_fractions:
         _fraction("downstream.label_fractions", f)
-    for fraction in config.downstream.finetune_fractions:
+    for fraction in w.finetune_fractions:
         _fraction("downstream.finetune_fractions", fraction)
-    w = config.downstream
     _require(w.knn_k >= 1, "downstream.knn_k", w.knn_k, "must be at least 1")
     _require(w.finetune_epochs >= 1, "downstream.finetune_epochs", w.finetune_epochs,
              "must be at least 1")
@@ -90,6 +100,27 @@ def check_config(config) -> None:
              "must be 0 (epochs only) or a number of steps")
     _require(w.finetune_max_steps >= 0, "downstream.finetune_max_steps", w.finetune_max_steps,
              "must be 0 (no cap) or a number of steps")
+
+
+def check_tasks(config) -> None:
+    """Each of `config.downstream.tasks` (`smsd_jax.tasks`): its data is labelled data this
+    project reads, at the image size and channels of `config.data` (the head's), and its
+    probes' settings are in range. The partition is checked where it is used (a task's data
+    is split into sites only with `downstream.site >= 0`)."""
+    d = config.data
+    for name, task in tasks.task_configs(config):
+        if not name:
+            continue
+        try:
+            _check_labelled_data(task.data)
+            _check_downstream(task.downstream)
+            t = task.data
+            _require((t.image_size, t.channels) == (d.image_size, d.channels), "data.image_size",
+                     t.image_size, f"with data.channels={t.channels}: the head takes "
+                     f"{d.image_size}x{d.image_size} images of {d.channels} channels "
+                     "(config.data), and every task's images must be those")
+        except SMSDError as e:
+            raise SMSDError(f"config.downstream.tasks.{name}: {e}") from e
 
 
 def check_baselines(config) -> None:
