@@ -16,8 +16,8 @@ labels; fine-tuning to convergence at 1%). Seeds: SMSD, fine-tune only and raw p
 budget (the privacy settings' accuracy is measured by `--mode=frontier`, results/frontier.md).
 CPU budget (2 cores, under 90 minutes): planned at about an hour from the measured rates
 (SMSD's server about 170 images/s with its pipeline, image DINO about 85). Measured on
-2026-12-03: 111.8 min, but beside three other jobs on the same 2 cores (results/study.md);
-not yet timed alone.
+2026-12-04, nearly alone: 54.6 min wall, 3.0 GB peak resident (results/study.md); on
+2026-12-03, beside three other jobs, 111.8 min, with the same accuracies.
 
 Variants (comma-separated after the file name, applied in the order given):
   `:gpu`       the full plan on a GPU: 3 seeds for every method, IID and Dirichlet sites,
