@@ -13,9 +13,9 @@ and, optionally, `config.downstream` (how it is probed) for that task alone:
     }
 
 Stage 3 then evaluates the same head and body on each task in turn, in the order of their
-names (the head fixes the image size and channels every task must have) and reports them together: every result row carries
-its task's name under "task". With no tasks, stage 3 evaluates `config.data` alone and its rows
-carry no task name.
+names (the head fixes the image size and channels every task must have), and reports them
+together: every result row carries its task's name under "task". With no tasks, stage 3
+evaluates `config.data` alone and its rows carry no task name.
 """
 
 from __future__ import annotations
