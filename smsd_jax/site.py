@@ -62,6 +62,11 @@ def noise_key(key: jax.Array) -> jax.Array:
     return jax.random.fold_in(key, NOISE_STREAM)
 
 
+# Compiled once per head and settings, not once per site (a simulation runs every site).
+_encode_jit = jax.jit(encode_batch, static_argnums=0, static_argnames=(
+    "keep", "mean", "std", "shuffle", "token_noise", "dp_clip", "dp_noise_multiplier"))
+
+
 def image_keys(secret_seed: int, start: int, count: int) -> jax.Array:
     """Keys of images `start .. start+count-1` of a site: fresh per image, reproducible from
     the site's secret seed alone."""
@@ -140,10 +145,10 @@ def run_site(config, site_id: int, source, indices: np.ndarray, head_dir: str | 
     dataset = data.site_dataset(source, indices, num_samples=cfg.num_samples,
                                 augment=dict(cfg.augment), batch_size=cfg.batch_size,
                                 seed=config.seed)
-    encode = jax.jit(functools.partial(
-        encode_batch, head, keep=cfg.keep, mean=config.data.mean, std=config.data.std,
+    encode = functools.partial(
+        _encode_jit, head, keep=cfg.keep, mean=config.data.mean, std=config.data.std,
         shuffle=cfg.permute, token_noise=cfg.token_noise, dp_clip=cfg.dp_clip,
-        dp_noise_multiplier=cfg.dp_noise_multiplier))
+        dp_noise_multiplier=cfg.dp_noise_multiplier)
     start, shard = time.perf_counter(), []
     with tqdm(total=len(indices), initial=done, unit="img", desc=f"site {site_id}") as bar:
         for b in range(done // cfg.batch_size, len(dataset)):
