@@ -122,6 +122,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         fsdp=False, checkpoint_every=200, log_every=20, keep_checkpoints=2,
         collapse_patience=200,
         skip_bad_sites=False,  # True: warn about a damaged payload and train without it
+        # Batches the input pipeline reads ahead from the payloads on disk (one thread); the
+        # server holds at most these and the one training (smsd_jax/payload.py). 0: none.
+        prefetch=4,
     )
 
     # Baselines (smsd_jax/baselines): image DINO on raw images, federated or pooled. Its

@@ -61,3 +61,13 @@ def fetch(tree):
     if jax.process_count() == 1:
         return jax.device_get(tree)
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def any_process(flags) -> list[bool]:
+    """Element-wise OR of a list of booleans over every process (the list itself in a
+    single-process run). A collective: every process must call it with a list of one length."""
+    flags = np.asarray(flags, bool)
+    if jax.process_count() == 1:
+        return flags.tolist()
+    gathered = multihost_utils.process_allgather(flags.astype(np.int32))  # [processes, n]
+    return np.asarray(gathered).reshape(-1, len(flags)).any(0).tolist()

@@ -1,32 +1,52 @@
-"""The payload format: what one site uploads, once.
+"""The payload format: what one site uploads, once, and the server's streaming reader of it.
 
-    <payload>/manifest.json     format, site id, counts, shapes, dtype, head fingerprint,
-                                the token noise if any (with differential privacy: its
-                                epsilon per image), per-shard checksums, and whether the
-                                upload is complete
-    <payload>/shard_00000/      an artifact (Orbax + meta.json) holding tokens [n, M, K, D]
+    <payload>/manifest.json               format, site id, counts, shapes, dtype, head
+                                          fingerprint, the token noise if any (with
+                                          differential privacy: its epsilon per image),
+                                          per-shard checksums, and whether the upload is
+                                          complete
+    <payload>/shard_00000.array_record    one record per image: its tokens [M, K, D], raw
+                                          bytes of the manifest's dtype, zstd-compressed
 
 Token sets only: no pixels, labels, positions, permutation keys or head weights.
+
+The server reads rows, not payloads: `open_payloads` checks every shard once (its sha256,
+streamed) and returns `PayloadRows`, a grain data source that reads each row from disk when
+the input pipeline asks for it. A run holds the rows its prefetch buffer holds, whatever the
+number of images. ArrayRecord with one record per group is built for this (random access by
+index, what grain reads natively); Orbax stays the format of the pytrees that pass between
+stages (the head, checkpoints, the body), which are read whole. `benchmarks/payload_read.py`
+measures both ways of reading payload rows.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import threading
 import warnings
 from pathlib import Path
 
+import grain
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+from etils import epath
 
-from smsd_jax import artifacts, files
+from smsd_jax import files
 from smsd_jax.errors import SMSDError
 
-FORMAT = "smsd-payload/1"
+FORMAT = "smsd-payload/2"
+OLD_FORMATS = {"smsd-payload/1": "Orbax shards, read whole"}
 MANIFEST = "manifest.json"
 # Fields every payload of one training run must agree on.
 AGREE = ("head_fingerprint", "num_samples", "tokens", "dim", "dtype")
+# One record per group: any row is read alone (grain warns on other group sizes).
+WRITER_OPTIONS = "group_size:1,zstd:3"
+_CHUNK = 1 << 20  # bytes per read when checksumming a shard
 
 
 def shard_name(index: int) -> str:
-    return f"shard_{index:05d}"
+    return f"shard_{index:05d}.array_record"
 
 
 def new_manifest(site_id: int, num_images: int, num_samples: int, tokens: int, dim: int,
@@ -40,13 +60,33 @@ def new_manifest(site_id: int, num_images: int, num_samples: int, tokens: int, d
                 keep=keep, num_patches=num_patches, **extra, shards=[], complete=False)
 
 
+def file_checksum(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MiB pieces (memory does not grow with the file)."""
+    digest = hashlib.sha256()
+    with epath.Path(path).open("rb") as f:
+        while piece := f.read(_CHUNK):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
 def write_shard(path: str | Path, manifest: dict, tokens: np.ndarray) -> dict:
-    """Writes the next shard, then the manifest that lists it (so a crash loses one shard)."""
+    """Writes the next shard (`tokens [n, M, K, D]`, one record per image) under a temporary
+    name, renames it into place, then writes the manifest that lists it: a crash loses at
+    most the shard being written."""
     path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
     name = shard_name(len(manifest["shards"]))
-    artifacts.save_artifact(path / name, {"tokens": tokens}, {"format": FORMAT})
-    entry = dict(name=name, num_images=int(tokens.shape[0]),
-                 checksum=artifacts.load_meta(path / name)["checksum"])
+    tmp = files.temporary_name(path / name)
+    try:
+        writer = ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
+        for row in tokens:
+            writer.write(np.ascontiguousarray(row).tobytes())
+        writer.close()
+        checksum = file_checksum(tmp)
+        os.replace(tmp, path / name)
+    finally:
+        tmp.unlink(missing_ok=True)
+    entry = dict(name=name, num_images=int(tokens.shape[0]), checksum=checksum)
     manifest = {**manifest, "shards": [*manifest["shards"], entry]}
     written = sum(s["num_images"] for s in manifest["shards"])
     manifest["complete"] = written == manifest["num_images"]
@@ -57,7 +97,12 @@ def write_shard(path: str | Path, manifest: dict, tokens: np.ndarray) -> dict:
 def read_manifest(path: str | Path) -> dict:
     path = Path(path)
     manifest = files.read_json(path / MANIFEST) if (path / MANIFEST).exists() else None
-    if manifest is None or manifest.get("format") != FORMAT:
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found in OLD_FORMATS:
+        raise SMSDError(f"{path} is a payload of format {found} ({OLD_FORMATS[found]}), which "
+                        f"this version does not read; encode the site again with --mode=site "
+                        f"(the same secret seed gives the same tokens) to write {FORMAT}")
+    if found != FORMAT:
         raise SMSDError(f"{path} is not a payload of this project (no {MANIFEST} of format "
                         f"{FORMAT}); point to a folder written by --mode=site")
     return manifest
@@ -80,45 +125,138 @@ def check_agree(manifests: dict[str, dict]) -> None:
                     "must encode with the consortium's head and the same site settings")
 
 
-def read_tokens(path: str | Path) -> np.ndarray:
-    """All token sets of one payload, `[images, M, K, D]`, each shard checked on read."""
-    path = Path(path)
-    manifest = read_manifest(path)
-    parts = []
-    for shard in manifest["shards"]:
+def verify_shards(path: str | Path, manifest: dict, mine=lambda i: True
+                  ) -> list[tuple[str, int]]:
+    """Checks the shards `i` of the payload at `path` for which `mine(i)` holds against the
+    manifest: present, the sha256 it lists, and as many records as images. Returns every
+    shard's `(path, images)`, in order.
+
+    Raises:
+      SMSDError: naming the payload, its site and the shard, and what to do.
+    """
+    out = []
+    for i, shard in enumerate(manifest["shards"]):
+        shard_path = Path(path) / shard["name"]
+        out.append((str(shard_path), shard["num_images"]))
+        if not mine(i):
+            continue
+        where = f"payload {path} (site {manifest['site_id']}): {shard['name']}"
+        if not shard_path.is_file():
+            raise SMSDError(f"{where} is missing; ask the site to send its payload again")
+        if file_checksum(shard_path) != shard["checksum"]:
+            raise SMSDError(f"{where} does not match the checksum in {MANIFEST}; ask site "
+                            f"{manifest['site_id']} to send it again")
         try:
-            tree, meta = artifacts.load_artifact(path / shard["name"])
-        except Exception as e:  # Orbax / tensorstore errors on damaged files vary by version.
-            raise SMSDError(f"payload {path} (site {manifest['site_id']}): {shard['name']} "
-                            f"cannot be read ({type(e).__name__}: {str(e)[:300]}); ask the "
-                            "site to send its payload again") from e
-        if meta["checksum"] != shard["checksum"]:
-            raise SMSDError(f"{path / shard['name']}: shard does not match the checksum in "
-                            f"{MANIFEST}; ask site {manifest['site_id']} to send it again")
-        parts.append(tree["tokens"])
-    return np.concatenate(parts)
+            reader = ArrayRecordReader(str(shard_path))
+            count = reader.num_records()
+            reader.close()
+        except Exception as e:  # a file with the right bytes but not ArrayRecord
+            raise SMSDError(f"{where} cannot be read ({type(e).__name__}: {str(e)[:300]}); "
+                            "ask the site to send its payload again") from e
+        if count != shard["num_images"]:
+            raise SMSDError(f"{where} holds {count} records but {MANIFEST} lists "
+                            f"{shard['num_images']}; ask the site to send it again")
+    return out
 
 
-def read_payloads(payload_dirs, skip_bad_sites: bool = False) -> tuple[dict[str, dict], np.ndarray]:
-    """Every site's payload for training: `({folder: manifest}, tokens [images, M, K, D])`.
+class PayloadRows(grain.sources.RandomAccessDataSource):
+    """The token sets of several payloads as one sequence of rows read from disk: row i is
+    image i of the `shards` (`(path, images)` each, in order), `[M, K, D]` of `dtype`.
+
+    Nothing is held but the shards' record indices (8 bytes a row) and the rows being read;
+    `rows_read` counts every row read since it was made (the input pipeline's buffer holds
+    at most the rows read and not yet trained on).
+    """
+
+    def __init__(self, shards: list[tuple[str, int]], shape: tuple[int, ...], dtype: str):
+        # `path[0:n]`: the record count from the manifest, so no file is opened until read.
+        self._records = grain.sources.ArrayRecordDataSource(
+            [f"{path}[0:{n}]" for path, n in shards])
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.rows_read, self._count = 0, threading.Lock()  # prefetch reads in a thread
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def _decode(self, record: bytes) -> np.ndarray:
+        return np.frombuffer(record, self.dtype).reshape(self.shape)
+
+    def _counted(self, n: int) -> None:
+        with self._count:
+            self.rows_read += n
+
+    def __getitem__(self, index) -> np.ndarray:
+        self._counted(1)
+        return self._decode(self._records[index])
+
+    def __getitems__(self, indices) -> list[np.ndarray]:
+        self._counted(len(indices))
+        return [self._decode(r) for r in self._records.__getitems__(indices)]
+
+    def __repr__(self) -> str:
+        return f"PayloadRows({len(self)} rows of {self.shape} {self.dtype})"
+
+
+def _row_shape(manifest: dict) -> tuple[int, int, int]:
+    return manifest["num_samples"], manifest["tokens"], manifest["dim"]
+
+
+def read_tokens(path: str | Path) -> np.ndarray:
+    """All token sets of one payload, `[images, M, K, D]`, each shard checked first (for
+    attacks, tests and notebooks; the server streams rows instead: `open_payloads`)."""
+    manifest = read_manifest(path)
+    rows = PayloadRows(verify_shards(path, manifest), _row_shape(manifest), manifest["dtype"])
+    return np.stack(rows.__getitems__(range(len(rows))))
+
+
+def open_payloads(payload_dirs, skip_bad_sites: bool = False, *,
+                  share: tuple[int, int] = (0, 1), agree=None
+                  ) -> tuple[dict[str, dict], PayloadRows]:
+    """Every site's payload for training: `({folder: manifest}, PayloadRows)`.
 
     Each payload must be complete and agree with the others (`check_agree`); each shard is
-    checked against its checksum. A payload that fails stops the run naming its site, or,
-    with `skip_bad_sites`, is left out with a warning.
+    checked once, here (`verify_shards`). A payload that fails stops the run naming its site,
+    or, with `skip_bad_sites`, is left out with a warning.
+
+    Several processes split the reading: with `share=(p, P)` this process checks the shards
+    p, p + P, ... (counted over all payloads), and `agree(bad)`, an OR over processes of one
+    flag per payload (`distributed.any_process`), tells every process which payloads another
+    process found damaged, so that all of them train on the same payloads.
     """
     if not payload_dirs:
         raise SMSDError("no payloads given: pass the folders written by --mode=site")
-    manifests, site_tokens = {}, []
-    for d in map(str, payload_dirs):
+    process, processes = share
+    manifests = {}
+    for d in map(str, payload_dirs):  # the manifests: the same on every process
         try:
             manifest = read_manifest(d)
             check_agree({**manifests, d: manifest})
-            site_tokens.append(read_tokens(d))
             manifests[d] = manifest
         except SMSDError as e:
             if not skip_bad_sites:
                 raise
             warnings.warn(f"skipping payload {d}: {e}")
+    shard_paths, errors, first_shard = {}, {}, 0
+    for d, manifest in manifests.items():  # the shards: each process checks its share
+        mine = lambda i, first=first_shard: (first + i) % processes == process
+        try:
+            shard_paths[d] = verify_shards(d, manifest, mine)
+        except SMSDError as e:
+            errors[d] = e
+        first_shard += len(manifest["shards"])
+    bad = (agree or list)([d in errors for d in manifests])
+    for d, is_bad in zip(list(manifests), bad):
+        if not is_bad:
+            continue
+        error = errors.get(d) or SMSDError(
+            f"payload {d} (site {manifests[d]['site_id']}): a shard failed its check in another "
+            "process of this run (that process's log names it); ask the site to send it again")
+        if not skip_bad_sites:
+            raise error
+        warnings.warn(f"skipping payload {d}: {error}")
+        del manifests[d]
     if not manifests:
         raise SMSDError(f"none of the {len(payload_dirs)} payloads could be used")
-    return manifests, np.concatenate(site_tokens)
+    first = next(iter(manifests.values()))
+    return manifests, PayloadRows([p for d in manifests for p in shard_paths[d]],
+                                  _row_shape(first), first["dtype"])

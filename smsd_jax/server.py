@@ -31,7 +31,9 @@ def run_server(config, payload_dirs: list[str | Path] | None, workdir: Layout | 
                ) -> dict:
     """Trains the body on the payloads in `payload_dirs` (None: every payload of the work
     directory); writes checkpoints, metrics and the body export under its `server/` folder.
-    Returns the last logged metrics and the export's path."""
+    Returns the last logged metrics, the export's path, and what the payload reader held:
+    `reader = {rows_read, most_rows_held, bound}` (rows of this process; the bound is
+    `(config.server.prefetch + 1)` local batches, whatever the number of images)."""
     cfg = config.server
     primary = distributed.is_primary()
     layout = workdir if isinstance(workdir, Layout) else Layout(workdir)
@@ -40,14 +42,17 @@ def run_server(config, payload_dirs: list[str | Path] | None, workdir: Layout | 
         payload_dirs = layout.payload_dirs()
 
     # ---------------------------------------------------------------- Payloads
-    # Every process holds all the tokens and reads only its own devices' rows from them
-    # (input pipeline below).
-    manifests, tokens = payload.read_payloads(payload_dirs, cfg.skip_bad_sites)
+    # Every shard is checked once, here, by one of the processes; then rows are read from
+    # disk as the input pipeline needs them, each process only its own devices' rows.
+    manifests, rows = payload.open_payloads(
+        payload_dirs, cfg.skip_bad_sites, share=(jax.process_index(), jax.process_count()),
+        agree=distributed.any_process)
     first = next(iter(manifests.values()))
-    num_images = len(tokens)
+    num_images = len(rows)
     if primary:
+        size = num_images * np.prod(rows.shape) * rows.dtype.itemsize
         print(f"server: {num_images} images from {len(manifests)} sites, tokens "
-              f"{tokens.shape[1:]} {tokens.dtype} ({tokens.nbytes / 2**20:.1f} MB)")
+              f"{rows.shape} {rows.dtype} ({size / 2**20:.1f} MB of tokens, streamed from disk)")
 
     # ---------------------------------------------------------------- Mesh
     mesh = sharding.make_mesh(cfg.num_devices or None)
@@ -64,8 +69,9 @@ def run_server(config, payload_dirs: list[str | Path] | None, workdir: Layout | 
 
     # ---------------------------------------------------------------- Input pipeline
     # Step s trains on rows [s*B, (s+1)*B) of one shuffled stream (reshuffled every epoch by
-    # grain), whatever the number of processes; each process reads only its devices' rows.
-    batches = iter(_local_batches(tokens, config.seed, cfg.batch_size, mesh))
+    # grain), whatever the number of processes; each process reads only its devices' rows,
+    # `cfg.prefetch` batches ahead.
+    batches = iter(_local_batches(rows, config.seed, cfg.batch_size, mesh, cfg.prefetch))
 
     # ---------------------------------------------------------------- Model and optimizer
     net = models.dino_net_from_config(config)
@@ -102,9 +108,14 @@ def run_server(config, payload_dirs: list[str | Path] | None, workdir: Layout | 
     bar = tqdm(total=total_steps, initial=start_step, unit="step", desc="server",
                disable=not primary)
     tick = time.perf_counter()
+    # Rows this process holds: read from disk and not yet trained on, the step's own included.
+    local_rows, trained, most_held = len(_local_rows(mesh, cfg.batch_size)), 0, 0
     for step in range(start_step, total_steps):
         # Payload dtype (float16) on the wire to the device; the step casts it there.
-        batch = sharding.put_batch(next(batches), mesh)
+        local = next(batches)
+        most_held = max(most_held, rows.rows_read - trained)
+        trained += local_rows
+        batch = sharding.put_batch(local, mesh)
         state, metrics = step_fn(state, batch, step_key)
         # Read the previous step's metrics while this one runs (keeps the device busy).
         if pending is not None:
@@ -137,7 +148,9 @@ def run_server(config, payload_dirs: list[str | Path] | None, workdir: Layout | 
                          images=num_images)
     distributed.barrier("server export")  # every process returns once the export is written
     manager.close()
-    return dict(last, body=str(body_dir), steps=total_steps, images=num_images)
+    reader = dict(rows_read=rows.rows_read, most_rows_held=most_held,
+                  bound=(cfg.prefetch + 1) * local_rows)
+    return dict(last, body=str(body_dir), steps=total_steps, images=num_images, reader=reader)
 
 
 def _local_rows(mesh, batch_size: int) -> np.ndarray:
@@ -153,17 +166,21 @@ def _local_rows(mesh, batch_size: int) -> np.ndarray:
     return np.concatenate([np.arange(start, start + per_device) for start in starts])
 
 
-def _local_batches(tokens: np.ndarray, seed: int, batch_size: int, mesh) -> grain.IterDataset:
+def _local_batches(rows, seed: int, batch_size: int, mesh, prefetch: int = 0
+                   ) -> grain.IterDataset:
     """This process's part of every step's batch: step s is rows [s*B, (s+1)*B) of the
     shuffled stream (the one-process batch), of which this process reads `_local_rows`.
 
-    Its iterator's state counts steps (the same on every process), so any process's state
+    `rows`: any sequence of token sets by index (`payload.PayloadRows`, or an array). Up to
+    `prefetch` batches are read ahead by one thread (0: each when it is asked for). Its
+    iterator's state counts steps (the same on every process), so any process's state
     restores all of them.
     """
     per_device = batch_size // mesh.size
-    blocks = (grain.MapDataset.source(tokens).seed(seed).shuffle().repeat()
+    blocks = (grain.MapDataset.source(rows).seed(seed).shuffle().repeat()
               .batch(per_device, drop_remainder=True))  # block j of step s: s * devices + j
     mine = _local_rows(mesh, batch_size)[::per_device] // per_device
     steps = grain.MapDataset.range(len(blocks) // mesh.size)
+    read = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
     return steps.map(lambda s: np.concatenate([blocks[s * mesh.size + j] for j in mine])
-                     ).to_iter_dataset()
+                     ).to_iter_dataset(read)

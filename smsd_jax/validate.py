@@ -68,6 +68,8 @@ def check_config(config) -> None:
              v.freeze_last_layer_epochs, "must be 0 (never frozen) or more epochs")
     _require(0 <= v.drop_path < 1, "server.drop_path", v.drop_path,
              "the stochastic depth rate must be in [0, 1)")
+    _require(v.prefetch >= 0, "server.prefetch", v.prefetch,
+             "must be 0 (no read-ahead) or a number of batches")
     check_baselines(config)
     _check_downstream(config.downstream)
     check_tasks(config)

@@ -33,18 +33,20 @@ def _flip_bytes(path: Path, count: int = 64) -> None:
 
 
 def _damaged_payloads(tmp_path, config, damage: str) -> tuple[Path, Path]:
-    """A good payload (site_a) and one (site_b) whose first shard's data files are damaged."""
+    """A good payload (site_a) and one (site_b) whose first shard is damaged."""
     good, _, _ = _encode(tmp_path, config, "site_a", n=32)
     bad, _, _ = _encode(tmp_path, config, "site_b", n=32, site_id=1)
-    for victim in _data_files(bad / "shard_00000"):
-        if damage == "flip":
-            _flip_bytes(victim)
-        else:
-            victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    victim = bad / payload.shard_name(0)
+    if damage == "flip":
+        _flip_bytes(victim)
+    elif damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    else:
+        victim.unlink()
     return good, bad
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "missing"])
 def test_damaged_shard_is_named(tmp_path, damage):
     config = _config()
     good, bad = _damaged_payloads(tmp_path, config, damage)
@@ -67,6 +69,10 @@ def test_payload_of_another_format_version_is_refused(tmp_path):
     files.write_json(a / payload.MANIFEST, {**manifest, "format": "smsd-payload/0"})
     with pytest.raises(ValueError, match="not a payload of this project"):
         payload.read_manifest(a)
+    # The Orbax shards of before: refused, saying how to get the current format.
+    files.write_json(a / payload.MANIFEST, {**manifest, "format": "smsd-payload/1"})
+    with pytest.raises(ValueError, match="format smsd-payload/1 .*encode the site again"):
+        server.run_server(_config(), [a], tmp_path / "server")
 
 
 def test_site_killed_mid_encoding_resumes_to_the_same_payload(tmp_path):

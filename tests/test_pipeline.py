@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import shutil
+from array_record.python.array_record_module import ArrayRecordReader
 
 from configs import base
-from smsd_jax import (artifacts, consortium, data, export, files, models, payload, server,
+from smsd_jax import (consortium, data, export, files, models, payload, server,
                       site)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,15 +48,18 @@ def test_payload_holds_only_encrypted_tokens(tmp_path):
                "head_fingerprint", "keep", "num_patches", "shards", "complete"}
     assert set(manifest) == allowed
     assert manifest["complete"] and manifest["num_images"] == N_IMAGES
-    # Every file is the manifest or part of a shard artifact.
-    for f in out.rglob("*"):
-        rel = f.relative_to(out).parts
-        assert rel[0] == payload.MANIFEST or rel[0].startswith("shard_"), rel
-    shard, meta = artifacts.load_artifact(out / manifest["shards"][0]["name"])
-    assert set(shard) == {"tokens"} and set(meta) == {"format", "checksum"}
-    tokens = payload.read_tokens(out)
+    # Every file is the manifest or a shard; a shard's records are one image's tokens each,
+    # of exactly the bytes M x K x D float16 values take.
+    names = sorted(f.name for f in out.iterdir())
+    assert names == [payload.MANIFEST, *(s["name"] for s in manifest["shards"])]
     m, k, d = manifest["num_samples"], manifest["tokens"], manifest["dim"]
+    reader = ArrayRecordReader(str(out / manifest["shards"][0]["name"]))
+    records = reader.read_all()
+    assert {len(r) for r in records} == {m * k * d * 2}
+    tokens = payload.read_tokens(out)
     assert tokens.shape == (N_IMAGES, m, k, d) and tokens.dtype == np.float16
+    np.testing.assert_array_equal(np.frombuffer(records[0], np.float16).reshape(m, k, d),
+                                  tokens[0])
     assert k < manifest["num_patches"]  # masked: fewer tokens than patches
     # Without augmentation, each sent token is exactly a head token of its own image, at a
     # distinct hidden position, and the order is shuffled. Only a test that holds the head and
@@ -156,7 +159,7 @@ def test_site_encoding_is_reproducible_and_resumes(tmp_path):
     files.write_json(part / payload.MANIFEST,
                           {**manifest, "shards": manifest["shards"][:1], "complete": False})
     for shard in manifest["shards"][1:]:
-        shutil.rmtree(part / shard["name"])
+        (part / shard["name"]).unlink()
     _encode(tmp_path, config, "part")
     np.testing.assert_array_equal(payload.read_tokens(part), payload.read_tokens(full))
     assert len(payload.read_manifest(part)["shards"]) == N_IMAGES // 32
