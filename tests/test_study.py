@@ -115,3 +115,14 @@ def test_tiny_study_from_the_cli_and_resume(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("done before, kept") == len(summary["runs"])
     assert json.loads((results / "study.json").read_text())["table"] == summary["table"]
+
+
+def test_comparisons_keep_the_tables_order_after_json():
+    diff = {"linear": {"0.1": {"mean": 0.01, "se": 0.002, "seeds": (2, 2)}}}
+    built = {"dirichlet": {f"smsd - {m}": diff
+                           for m in ("fedavg_dino", "finetune_only", "centralized_dino")}}
+    saved = json.loads(json.dumps(built, sort_keys=True))  # as results/study.json holds it
+    lines = tables.comparison_lines(saved)
+    assert lines == tables.comparison_lines(built)
+    assert [line.split(", ")[1].split(":")[0] for line in lines] == [
+        "smsd - fedavg_dino", "smsd - centralized_dino", "smsd - finetune_only"]

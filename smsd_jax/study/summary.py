@@ -182,7 +182,8 @@ def ablation_table(ablations: list[dict]) -> str:
 def comparison_lines(comparisons: dict) -> list[str]:
     lines = []
     for partition, pairs in comparisons.items():
-        for pair, diffs in pairs.items():
+        # "smsd - other", in the tables' order of `other` (JSON sorts a saved summary's keys).
+        for pair, diffs in sorted(pairs.items(), key=lambda kv: _rank(kv[0].split(" - ")[-1])):
             parts = [f"{title} {100 * float(f):g}%: {100 * d['mean']:+.1f} ± {100 * d['se']:.1f}"
                      for probe, title in PROBES for f, d in diffs.get(probe, {}).items()]
             single = any(1 in d.get("seeds", ()) for p in diffs.values() for d in p.values())
@@ -233,10 +234,14 @@ def markdown(summary: dict) -> str:
 # ---------------------------------------------------------------- figures
 
 
+def _rank(method: str) -> int:
+    """A method's place in the tables' order (unknown names last)."""
+    return list(NAMES).index(method) if method in NAMES else len(NAMES)
+
+
 def _in_order(methods: dict) -> list:
     """`methods.items()` in the tables' order (JSON sorts the keys of a saved summary)."""
-    rank = {m: i for i, m in enumerate(NAMES)}
-    return sorted(methods.items(), key=lambda item: rank.get(item[0], len(rank)))
+    return sorted(methods.items(), key=lambda item: _rank(item[0]))
 
 
 def _color(method: str) -> str:
