@@ -792,12 +792,8 @@ def downstream_stage(config, layout: Layout, head_dir: str | Path | None = None,
     body, params, _ = export.load_body(body_dir)
     results, sections = [], []
     for name, task in tasks.task_configs(config):
-        try:
+        with tasks.named(name):
             rows, table = evaluate_task(task, head_dir, body, params, baselines=baselines)
-        except SMSDError as e:
-            if not name:
-                raise
-            raise type(e)(f"config.downstream.tasks.{name}: {e}") from e
         results += [{**row, "task": name} for row in rows] if name else rows
         sections.append(f"## {tasks.title(name, task)}\n\n{table}" if name else table)
     text = "\n\n".join(sections)

@@ -82,6 +82,8 @@ def write_shard(path: str | Path, manifest: dict, tokens: np.ndarray) -> dict:
         for row in tokens:
             writer.write(np.ascontiguousarray(row).tobytes())
         writer.close()
+        with open(tmp, "rb") as f:  # on disk before it takes its name, as files.atomic_write
+            os.fsync(f.fileno())
         checksum = file_checksum(tmp)
         os.replace(tmp, path / name)
     finally:

@@ -20,6 +20,8 @@ evaluates `config.data` alone and its rows carry no task name.
 
 from __future__ import annotations
 
+import contextlib
+
 import ml_collections
 
 from smsd_jax.errors import SMSDError
@@ -63,6 +65,18 @@ def task_configs(config) -> list[tuple[str, ml_collections.ConfigDict]]:
             values[part].update(changes)
         out.append((name, ml_collections.ConfigDict(values)))
     return out
+
+
+@contextlib.contextmanager
+def named(name: str):
+    """An `SMSDError` raised inside names the task (`config.downstream.tasks.NAME: ...`), of
+    the same type; with no name (no tasks), it passes as raised."""
+    try:
+        yield
+    except SMSDError as e:
+        if not name:
+            raise
+        raise type(e)(f"config.downstream.tasks.{name}: {e}") from e
 
 
 def by_task(results: list[dict]) -> dict[str, list[dict]]:

@@ -113,7 +113,7 @@ def check_tasks(config) -> None:
     for name, task in tasks.task_configs(config):
         if not name:
             continue
-        try:
+        with tasks.named(name):
             _check_labelled_data(task.data)
             _check_downstream(task.downstream)
             t = task.data
@@ -121,8 +121,6 @@ def check_tasks(config) -> None:
                      t.image_size, f"with data.channels={t.channels}: the head takes "
                      f"{d.image_size}x{d.image_size} images of {d.channels} channels "
                      "(config.data), and every task's images must be those")
-        except SMSDError as e:
-            raise SMSDError(f"config.downstream.tasks.{name}: {e}") from e
 
 
 def check_baselines(config) -> None:
