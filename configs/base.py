@@ -81,8 +81,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # without its position (models.ViTHead; docs/threat_model.md says what it hides).
     # The default, from the privacy-utility frontier (results/frontier.md): tokens no wider
     # than the values of a patch (16 for 4x4 grayscale) and blank patches unplaced.
+    # per_site_heads: each site draws its own secret head, kept at the site, and the body
+    # learns one stem per site (needs head_dim > 0); a leaked head then opens one site's
+    # payload, not every site's (docs/threat_model.md, results/per_site_heads.md).
     c.model = dict(size="small4", patch_size=4, pos_std=0.5, dtype="float32", attention="",
-                   head_dim=16, constant_patches="unplaced")
+                   head_dim=16, constant_patches="unplaced", per_site_heads=False)
 
     # Stage 1: each site encodes its images once.
     c.site = dict(

@@ -41,6 +41,8 @@ MODES = {
              "(config.curve)",
     "frontier": "the privacy-utility frontier: accuracy and attacks for each privacy setting "
                 "(config.frontier)",
+    "heads": "per-site heads against one shared head: accuracy at the same budget, and what "
+             "one leaked head reveals of every site's payload (config.heads)",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py"
@@ -70,8 +72,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --distributed: this
 def run(argv) -> None:
     """Checks the flags and the config, then runs the mode's stage."""
     # Imported here so that `--help` answers without loading JAX.
-    from smsd_jax import (consortium, distributed, downstream, per_site, privacy, report, server,
-                          simulate, site, study, validate)
+    from smsd_jax import (consortium, distributed, downstream, files, per_site, privacy, report,
+                          server, simulate, site, study, validate)
     from smsd_jax.layout import Layout
 
     if len(argv) > 1:
@@ -89,7 +91,7 @@ def run(argv) -> None:
         raise app.UsageError("--coordinator, --num_processes and --process_id need --distributed")
     validate.check_config(config)
     layout = Layout(_WORKDIR.value or config.workdir)
-    head = _HEAD.value and Path(_HEAD.value)
+    head = _HEAD.value and files.as_path(_HEAD.value)
     if mode == "simulate":
         simulate.run_simulation(config, layout)
     elif mode == "init":
@@ -99,7 +101,8 @@ def run(argv) -> None:
     elif mode == "server":
         server.run_server(config, _PAYLOADS.value, layout)
     elif mode == "downstream":
-        downstream.downstream_stage(config, layout, head, _BODY.value and Path(_BODY.value))
+        downstream.downstream_stage(config, layout, head,
+                                    _BODY.value and files.as_path(_BODY.value))
     elif mode == "sites":
         per_site.evaluate_sites(config, layout)
     elif mode == "report":
@@ -113,6 +116,8 @@ def run(argv) -> None:
         study.run_curve(config, layout)
     elif mode == "frontier":
         privacy.run_frontier(config, layout)
+    elif mode == "heads":
+        privacy.run_site_heads(config, layout)
 
 
 def _expected(error: BaseException | None):

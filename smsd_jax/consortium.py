@@ -3,9 +3,12 @@ split of a simulation's data into sites, and each site's secret permutation key.
 
     consortium.set_up(config, layout)        # --mode=init: head + partition.json
     seed = consortium.site_secret(layout, k)  # site k's key, drawn once, kept at the site
+    head_dir = consortium.site_head(config, layout, k)  # the head site k encodes with
 
 The head's weights come from a secret seed. Its fingerprint (a hash of the weights) goes into
 every payload so the server can check that all sites used the same head without learning it.
+With `config.model.per_site_heads` there is no shared head: each site draws its own, kept
+at the site, and the server learns one stem per site.
 """
 
 from __future__ import annotations
@@ -32,20 +35,26 @@ def head_fingerprint(params, constant_patches: str = "placed") -> str:
     return artifacts.tree_checksum(tree)[:16]
 
 
-def init_head(config, path: str | Path, secret_seed: int | None = None) -> str:
+def init_head(config, path: str | Path, secret_seed: int | None = None,
+              site: int | None = None) -> str:
     """Draws the head of `config` from `secret_seed` and writes it to `path`.
 
     Args:
       secret_seed: the consortium key; None draws 63 random bits from the OS. Keep it, or the
         head folder, from the server.
+      site: a site's own head (per-site heads): the key is `secret_seed` folded with the site,
+        so that one seed gives every site a different head.
 
     Returns:
       The head's fingerprint.
     """
     seed = secrets.randbits(63) if secret_seed is None else int(secret_seed)
+    key = jax.random.key(seed)
+    if site is not None:
+        key = jax.random.fold_in(key, site)
     head = models.head_from_config(config)
     images = jnp.zeros((1, head.image_size, head.image_size, config.data.channels))
-    params = head.init(jax.random.key(seed), images)["params"]
+    params = head.init(key, images)["params"]
     fingerprint = head_fingerprint(params, head.constant_patches)
     artifacts.save_artifact(path, params, dict(
         format=FORMAT, fingerprint=fingerprint, image_size=head.image_size,
@@ -86,8 +95,11 @@ def load_head(path: str | Path, expected_fingerprint: str | None = None):
 
 def set_up(config, layout: Layout) -> None:
     """The consortium's head (from `config.consortium_seed`, -1: the OS) and the sites' split
-    of the data (`data.split_sites`); each is kept if it exists already."""
-    if layout.head.exists():
+    of the data (`data.split_sites`); each is kept if it exists already. With per-site heads
+    there is no consortium head: each site draws its own (`site_head`)."""
+    if config.model.per_site_heads:
+        print("init: per-site heads: each site draws its own head at --mode=site")
+    elif layout.head.exists():
         print(f"init: head exists at {layout.head}, kept")
     else:
         seed = config.consortium_seed if config.consortium_seed >= 0 else None
@@ -112,5 +124,26 @@ def site_secret(layout: Layout, site: int) -> int:
     path = layout.secret(site)
     if not path.exists():
         files.write_json(path, {"secret_seed": secrets.randbits(63)})
-        path.chmod(0o600)
+        if files.is_local(path):  # an object store's access is its bucket's, not a mode
+            path.chmod(0o600)
     return int(files.read_json(path)["secret_seed"])
+
+
+def site_head(config, layout: Layout, site: int, draw: bool = True) -> Path:
+    """The folder of the head site `site` encodes and fine-tunes with: the consortium's, or
+    with `config.model.per_site_heads` the site's own (`Layout.site_head`), drawn the first
+    time (`draw`: stage 1) from `config.consortium_seed` folded with the site (-1: from the
+    OS, at the site). Without `draw` a missing head is an error: a new one would not be the
+    one the site encoded with."""
+    if not config.model.per_site_heads:
+        return layout.head
+    path = layout.site_head(site)
+    if not path.exists() and not draw:
+        raise SMSDError(f"site {site} has no head at {path}: with per-site heads a site keeps "
+                        "the head it encoded with; run that site's --mode=site first, or point "
+                        "--workdir at the run that did")
+    if not path.exists():
+        seed = config.consortium_seed if config.consortium_seed >= 0 else None
+        fingerprint = init_head(config, path, secret_seed=seed, site=site)
+        print(f"site {site}: its own head {fingerprint} written to {path}")
+    return path

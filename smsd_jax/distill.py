@@ -37,7 +37,7 @@ class DistillState:
     student: Any  # params {"body", "dino_head"}
     teacher: Any
     opt_state: optax.OptState
-    center: jax.Array  # [out_dim]
+    center: jax.Array  # [out_dim]; with per-site stems one per site, [num_sites, out_dim]
 
 
 class Views(NamedTuple):
@@ -91,20 +91,22 @@ def make_views(key: jax.Array, samples: jax.Array, *, global_keep: float, local_
 
 
 def _logits(net: nn.Module, params, views: jax.Array, *, deterministic: bool = True,
-            key: jax.Array | None = None) -> jax.Array:
+            key: jax.Array | None = None, sites: jax.Array | None = None) -> jax.Array:
     """views `[batch, V, ...]` -> logits `[V, batch, out_dim]` (batch-major for sharding).
 
     Only the two leading axes are merged, so a view may be tokens `[K, D]` or an image
     `[h, w, C]`. `deterministic=False` is the student's training forward: stochastic depth,
-    drawn from `key` (the "drop_path" rng stream).
+    drawn from `key` (the "drop_path" rng stream). `sites` `[batch]`: each image's site, for
+    a body with per-site stems (every view of an image goes through its site's stem).
     """
     batch, v = views.shape[:2]
     flat = views.reshape(batch * v, *views.shape[2:])
+    extra = {} if sites is None else {"sites": jnp.repeat(sites, v)}
     if deterministic:
-        logits, _ = net.apply({"params": params}, flat, deterministic=True)
+        logits, _ = net.apply({"params": params}, flat, deterministic=True, **extra)
     else:
         logits, _ = net.apply({"params": params}, flat, deterministic=False,
-                              rngs={"drop_path": key})
+                              rngs={"drop_path": key}, **extra)
     return logits.reshape(batch, v, -1).transpose(1, 0, 2)
 
 
@@ -238,16 +240,21 @@ def make_optimizer(cfg, schedules: Schedules) -> optax.GradientTransformationExt
 
 def init_state(key: jax.Array, net: nn.Module, tx: optax.GradientTransformation,
                input_shape: tuple[int, ...]) -> DistillState:
-    """Student and teacher start equal; the centre starts at zero.
+    """Student and teacher start equal; the centre starts at zero (a body with per-site
+    stems: a centre per site, `ops.update_site_centers`).
 
     Args:
       input_shape: the shape of one view, without the batch axis, used only to build the
         parameters: `(K, D)` for tokens (`DINONet`), `(h, w, C)` for images (`ImageDINONet`).
     """
-    params = net.init(key, jnp.zeros((1, *input_shape), jnp.float32))["params"]
+    sites = getattr(getattr(net, "body", None), "site_stems", 0)
+    extra = {"sites": jnp.zeros((1,), jnp.int32)} if sites else {}
+    params = net.init(key, jnp.zeros((1, *input_shape), jnp.float32), **extra)["params"]
+    centers = (sites,) if sites else ()
     return DistillState(
         step=jnp.zeros((), jnp.int32), student=params, teacher=jax.tree.map(jnp.copy, params),
-        opt_state=tx.init(params), center=jnp.zeros((net.dino_head.out_dim,), jnp.float32))
+        opt_state=tx.init(params),
+        center=jnp.zeros((*centers, net.dino_head.out_dim), jnp.float32))
 
 
 def _without_frozen(tree, frozen: jax.Array):
@@ -258,9 +265,11 @@ def _without_frozen(tree, frozen: jax.Array):
 
 def make_distill_step(net: nn.Module, tx: optax.GradientTransformation, schedules: Schedules,
                       cfg, views_fn: Callable[[jax.Array, jax.Array], Views] | None = None
-                      ) -> Callable[[DistillState, jax.Array, jax.Array],
-                                    tuple[DistillState, dict]]:
-    """Builds `step(state, samples, key) -> (state, metrics)`, pure, to jit.
+                      ) -> Callable[..., tuple[DistillState, dict]]:
+    """Builds `step(state, samples, key, sites=None) -> (state, metrics)`, pure, to jit.
+
+    `sites` `[batch]` (int): the site of each image, for a body with per-site stems
+    (`ViTBody.site_stems`); None otherwise.
 
     Args:
       net: the student / teacher network (`DINONet` for tokens, `ImageDINONet` for images).
@@ -277,22 +286,28 @@ def make_distill_step(net: nn.Module, tx: optax.GradientTransformation, schedule
         views_fn = functools.partial(make_views, global_keep=cfg.global_keep,
                                      local_keep=cfg.local_keep, num_local=cfg.num_local)
 
-    def step(state: DistillState, samples: jax.Array, key: jax.Array):
+    def step(state: DistillState, samples: jax.Array, key: jax.Array,
+             sites: jax.Array | None = None):
         samples = samples.astype(jnp.float32)  # payloads arrive as float16
         view_key, global_key, local_key = jax.random.split(jax.random.fold_in(key, state.step), 3)
         views = views_fn(view_key, samples)
         teacher_temp = schedules.teacher_temp(state.step)
-        teacher_logits = _logits(net, state.teacher, views.global_views)  # no drop path
+        # No drop path in the teacher.
+        teacher_logits = _logits(net, state.teacher, views.global_views, sites=sites)
+        center = state.center if sites is None else state.center[sites]  # [out] or [B, out]
+        new_center = (ops.update_center(state.center, teacher_logits, cfg.center_momentum)
+                      if sites is None else ops.update_site_centers(
+                          state.center, teacher_logits, sites, cfg.center_momentum))
 
         def loss_fn(params):
             student_logits = _logits(net, params, views.global_views, deterministic=False,
-                                     key=global_key)
+                                     key=global_key, sites=sites)
             if views.local_views is not None:
                 local_logits = _logits(net, params, views.local_views, deterministic=False,
-                                       key=local_key)
+                                       key=local_key, sites=sites)
                 student_logits = jnp.concatenate([student_logits, local_logits], axis=0)
-            return ops.dino_loss(student_logits, teacher_logits, state.center,
-                                 cfg.student_temp, teacher_temp)
+            return ops.dino_loss(student_logits, teacher_logits, center, cfg.student_temp,
+                                 teacher_temp)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.student)
         updates, opt_state = optax.with_extra_args_support(tx).update(
@@ -302,11 +317,11 @@ def make_distill_step(net: nn.Module, tx: optax.GradientTransformation, schedule
         new_state = DistillState(
             step=state.step + 1, student=student,
             teacher=ops.ema(state.teacher, student, momentum), opt_state=opt_state,
-            center=ops.update_center(state.center, teacher_logits, cfg.center_momentum))
+            center=new_center)
         frozen = schedules.last_layer_frozen(state.step)
         metrics = dict(
             loss=loss, grad_norm=optax.tree.norm(_without_frozen(grads, frozen)),
-            teacher_entropy=ops.teacher_entropy(teacher_logits, state.center, teacher_temp),
+            teacher_entropy=ops.teacher_entropy(teacher_logits, center, teacher_temp),
             lr=schedules.learning_rate(state.step), teacher_temp=teacher_temp,
             teacher_momentum=momentum)
         return new_state, metrics

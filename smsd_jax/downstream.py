@@ -761,6 +761,20 @@ def results_table(results: list[dict], fractions) -> str:
 # ---------------------------------------------------------------- the stage
 
 
+def at_site(config, layout: Layout, body: models.ViTBody, params, site: int
+            ) -> tuple[Path, models.ViTBody, dict]:
+    """What site `site` fine-tunes: `(its head's folder, body, params)`. The consortium head
+    and the body as it came back; with per-site heads the site's own head and the body with
+    its stem alone (`models.site_body`)."""
+    if bool(body.site_stems) != bool(config.model.per_site_heads):
+        raise SMSDError(f"the body has site_stems={body.site_stems} but config.model."
+                        f"per_site_heads={config.model.per_site_heads}; use the config the "
+                        "body was trained with")
+    body, params = models.site_body(body, params, site)
+    return consortium.site_head(config, layout, site, draw=False), body, params
+
+
+
 def evaluate_task(config, head_dir, body: models.ViTBody, body_params, *,
                   baselines: bool = False) -> tuple[list[dict], str]:
     """One task of stage 3 (`config.data` is what is labelled): the results of the body, after
@@ -787,9 +801,12 @@ def downstream_stage(config, layout: Layout, head_dir: str | Path | None = None,
     `config.data`, or on each of `config.downstream.tasks` (`smsd_jax.tasks`); with
     `baselines`, the random body and raw pixels first. Writes `results/downstream.json` (the
     rows of every task, each with its "task" name when there are tasks) and
-    `results/results.md` (a table per task); returns the rows."""
-    head_dir, body_dir = head_dir or layout.head, body_dir or layout.body
-    body, params, _ = export.load_body(body_dir)
+    `results/results.md` (a table per task); returns the rows. With per-site heads the site
+    is `config.downstream.site` (-1: site 0), with its own head and stem (`at_site`)."""
+    body, params, _ = export.load_body(body_dir or layout.body)
+    own_head, body, params = at_site(config, layout, body, params,
+                                     max(config.downstream.site, 0))
+    head_dir = head_dir or own_head
     results, sections = [], []
     for name, task in tasks.task_configs(config):
         with tasks.named(name):

@@ -22,10 +22,12 @@ FORMAT = "smsd-body/1"
 def save_body(path: str | Path, body: models.ViTBody, params, **meta) -> None:
     """Writes `params` of `body` to `path`; `meta` adds facts such as the training step.
 
-    A body with a stem adds `token_dim` to the meta; without one the meta is as it was before
-    stems existed (a missing `token_dim` reads as 0).
+    A body with a stem adds `token_dim` to the meta, and one with per-site stems
+    `site_stems`; without them the meta is as it was before stems existed (a missing field
+    reads as 0).
     """
     stem = dict(token_dim=body.token_dim) if body.token_dim else {}
+    stem |= dict(site_stems=body.site_stems) if body.site_stems else {}
     artifacts.save_artifact(path, params, dict(
         meta, format=FORMAT, dim=body.dim, depth=body.depth, heads=body.heads,
         mlp_ratio=body.mlp_ratio, **stem))
@@ -38,7 +40,8 @@ def load_body(path: str | Path) -> tuple[models.ViTBody, dict, dict]:
         raise SMSDError(f"{path} is not a body export (format {meta.get('format')!r}, "
                         f"expected {FORMAT!r}); use the server's export folder")
     body = models.ViTBody(dim=meta["dim"], depth=meta["depth"], heads=meta["heads"],
-                          mlp_ratio=meta["mlp_ratio"], token_dim=meta.get("token_dim", 0))
+                          mlp_ratio=meta["mlp_ratio"], token_dim=meta.get("token_dim", 0),
+                          site_stems=meta.get("site_stems", 0))
     return body, params, meta
 
 

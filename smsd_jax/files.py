@@ -1,12 +1,21 @@
-"""Every file a stage writes goes through here: written beside its place, then renamed over it.
+"""Every path and every file a stage writes go through here: written beside its place, then
+renamed over it.
 
+    root = files.as_path("gs://bucket/run")  # or a local folder: the one path type of a run
     files.write_json(path, obj)          # also write_text, write_bytes, save_figure, save_npz
     obj = files.read_json(path)          # a damaged or missing file is an SMSDError naming it
 
-A writer builds the new file under a temporary name in the same folder, flushes and fsyncs
-it, then renames it over the old one (`os.replace`, atomic on POSIX): a reader, or a run
-killed half-way, sees the old complete file or the new complete one, never a mix. Folders
-(artifacts) follow the same rule through `replace_dir`.
+Paths: a local path is a `pathlib.Path`, made absolute; a URI (`gs://`, `s3://`, `az://`)
+is an `etils.epath.Path`, the path type Orbax and TFDS read and write through, so a work
+directory may live in a bucket where the machine has credentials. Both have the same
+methods; only what a local file system alone offers (fsync, atomic rename, append) is
+chosen by `is_local`.
+
+A local writer builds the new file under a temporary name in the same folder, flushes and
+fsyncs it, then renames it over the old one (`os.replace`, atomic on POSIX): a reader, or a
+run killed half-way, sees the old complete file or the new complete one, never a mix. Folders
+(artifacts) follow the same rule through `replace_dir`. An object store writes an object
+whole when it is closed, so there a file is written in place, at once.
 """
 
 from __future__ import annotations
@@ -19,23 +28,48 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+from etils import epath
+
 from smsd_jax.errors import SMSDError
+
+
+def is_local(path: str | os.PathLike) -> bool:
+    """Whether `path` is on a local (POSIX) file system, not a URI such as `gs://...`."""
+    return "://" not in os.fspath(path)
+
+
+def as_path(p: str | os.PathLike) -> Path:
+    """`p` as a run's paths are: a local one absolute (`pathlib.Path`), a URI as given
+    (`etils.epath.Path`)."""
+    return Path(p).absolute() if is_local(p) else epath.Path(p)
+
+
+def size(path: str | os.PathLike) -> int:
+    """Bytes of the file at `path`."""
+    stat = as_path(path).stat()
+    return stat.st_size if hasattr(stat, "st_size") else stat.length  # epath: `length`
 
 
 def temporary_name(path: str | os.PathLike) -> Path:
     """A fresh hidden name beside `path` (same folder, so the final rename is atomic)."""
-    path = Path(path)
+    path = as_path(path)
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], Any]) -> Path:
-    """Calls `write(f)` on a temporary binary file beside `path`, then renames it over `path`.
+    """Calls `write(f)` on a temporary binary file beside `path`, then renames it over `path`
+    (in an object store: on an in-memory buffer, then one object).
 
     The folder is created if missing. On any error the temporary file is removed and `path`
     keeps its old content.
     """
-    path = Path(path)
+    path = as_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not is_local(path):
+        buffer = io.BytesIO()
+        write(buffer)
+        path.write_bytes(buffer.getvalue())
+        return path
     tmp = temporary_name(path)
     try:
         with open(tmp, "wb") as f:
@@ -70,7 +104,7 @@ def write_results(folder: str | os.PathLike, stem: str, summary: Any, text: str,
                   figure) -> list[Path]:
     """A study's `stem.json` (summary), `stem.md` (text) and `stem.png` (figure) in
     `folder`, each printed as it is written."""
-    folder = Path(folder)
+    folder = as_path(folder)
     paths = [write_json(folder / f"{stem}.json", summary),
              write_text(folder / f"{stem}.md", text),
              save_figure(folder / f"{stem}.png", figure)]
@@ -87,7 +121,7 @@ def save_npz(path: str | os.PathLike, **arrays) -> Path:
 
 def read_json(path: str | os.PathLike) -> Any:
     """The JSON at `path`; a missing or damaged file is an `SMSDError` that names it."""
-    path = Path(path)
+    path = as_path(path)
     if not path.is_file():
         raise SMSDError(f"{path} does not exist")
     try:
@@ -97,12 +131,28 @@ def read_json(path: str | os.PathLike) -> Any:
                         ) from e
 
 
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Adds `text` at the end of the file at `path` (created if missing). An object store has
+    no append: there the object is written again whole, so call it with lines gathered, not
+    one by one."""
+    path = as_path(path)
+    if is_local(path):
+        with open(path, "a") as f:
+            f.write(text)
+    else:
+        write_text(path, (path.read_text() if path.exists() else "") + text)
+
+
 def replace_dir(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
     """Moves the finished folder `tmp` to `path`, keeping the old one until the new is in place.
 
-    `tmp` must be beside `path` (see `temporary_name`).
+    `tmp` must be beside `path` (see `temporary_name`). Local folders only: an object store
+    has no atomic rename (artifacts write in place there, `artifacts.save_artifact`).
     """
-    tmp, path = Path(tmp), Path(path)
+    tmp, path = as_path(tmp), as_path(path)
+    if not is_local(path):
+        raise SMSDError(f"replace_dir({tmp}, {path}): folders are renamed on a local file "
+                        "system only")
     old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old") if path.exists() else None
     if old:
         os.replace(path, old)

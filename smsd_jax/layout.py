@@ -4,6 +4,7 @@
       consortium/head/          the frozen head (never given to the server)
       partition.json            the simulation's split of the data into sites
       sites/site_K/secret.json  site K's permutation key (never sent)
+      sites/site_K/head/        site K's own head, with per-site heads (never sent)
       payloads/site_K/          site K's upload
       server/                   checkpoints/, metrics.jsonl, tensorboard/, body/
       results/                  tables, JSON and figures of the stages and experiments
@@ -16,15 +17,18 @@ import dataclasses
 import os
 from pathlib import Path
 
+from smsd_jax import files
+
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """The paths of a work directory (nothing is created until a stage writes)."""
+    """The paths of a work directory (nothing is created until a stage writes): a local
+    folder, or a URI such as `gs://bucket/run` (`files.as_path`)."""
 
     root: Path
 
     def __init__(self, root: str | os.PathLike):
-        object.__setattr__(self, "root", Path(root).absolute())
+        object.__setattr__(self, "root", files.as_path(root))
 
     # Consortium set-up.
     @property
@@ -37,6 +41,10 @@ class Layout:
 
     def secret(self, site: int) -> Path:
         return self.root / "sites" / f"site_{site}" / "secret.json"
+
+    def site_head(self, site: int) -> Path:
+        """Site `site`'s own head (`config.model.per_site_heads`)."""
+        return self.root / "sites" / f"site_{site}" / "head"
 
     # Stage 1: the sites' uploads.
     @property

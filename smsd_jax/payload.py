@@ -1,7 +1,8 @@
 """The payload format: what one site uploads, once, and the server's streaming reader of it.
 
     <payload>/manifest.json               format, site id, counts, shapes, dtype, head
-                                          fingerprint, the token noise if any (with
+                                          fingerprint ("heads": "per_site" when the site
+                                          drew its own head), the token noise if any (with
                                           differential privacy: its epsilon per image),
                                           per-shard checksums, and whether the upload is
                                           complete
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -38,8 +40,10 @@ from smsd_jax.errors import SMSDError
 FORMAT = "smsd-payload/2"
 OLD_FORMATS = {"smsd-payload/1": "Orbax shards, read whole"}
 MANIFEST = "manifest.json"
-# Fields every payload of one training run must agree on.
-AGREE = ("head_fingerprint", "num_samples", "tokens", "dim", "dtype")
+# Fields every payload of one training run must agree on (with per-site heads, all but the
+# head's fingerprint).
+AGREE = ("heads", "head_fingerprint", "num_samples", "tokens", "dim", "dtype")
+SHARED, PER_SITE = "shared", "per_site"  # a manifest's "heads"; one without the field: shared
 # One record per group: any row is read alone (grain warns on other group sizes).
 WRITER_OPTIONS = "group_size:1,zstd:3"
 _CHUNK = 1 << 20  # bytes per read when checksumming a shard
@@ -51,10 +55,12 @@ def shard_name(index: int) -> str:
 
 def new_manifest(site_id: int, num_images: int, num_samples: int, tokens: int, dim: int,
                  dtype: str, head_fingerprint: str, keep: float, num_patches: int,
-                 noise: dict | None = None) -> dict:
+                 noise: dict | None = None, per_site_head: bool = False) -> dict:
     """A payload's manifest before its first shard. `noise`: the site's token noise settings
-    (`site.noise_settings`); None (no noise) leaves the field out."""
-    extra = {} if noise is None else {"noise": noise}
+    (`site.noise_settings`); None (no noise) leaves the field out. `per_site_head`: the site
+    encoded with its own head (`"heads": "per_site"`; left out for the shared head)."""
+    extra = ({} if noise is None else {"noise": noise}) | (
+        {"heads": PER_SITE} if per_site_head else {})
     return dict(format=FORMAT, site_id=site_id, num_images=num_images, num_samples=num_samples,
                 tokens=tokens, dim=dim, dtype=dtype, head_fingerprint=head_fingerprint,
                 keep=keep, num_patches=num_patches, **extra, shards=[], complete=False)
@@ -72,11 +78,13 @@ def file_checksum(path: str | os.PathLike) -> str:
 def write_shard(path: str | Path, manifest: dict, tokens: np.ndarray) -> dict:
     """Writes the next shard (`tokens [n, M, K, D]`, one record per image) under a temporary
     name, renames it into place, then writes the manifest that lists it: a crash loses at
-    most the shard being written."""
-    path = Path(path)
+    most the shard being written. A payload in an object store (`gs://`): the shard is
+    written to a local temporary file (ArrayRecord writes local files), then copied up."""
+    path = files.as_path(path)
     path.mkdir(parents=True, exist_ok=True)
     name = shard_name(len(manifest["shards"]))
-    tmp = files.temporary_name(path / name)
+    local = files.is_local(path)
+    tmp = files.temporary_name(path / name if local else Path(tempfile.gettempdir()) / name)
     try:
         writer = ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
         for row in tokens:
@@ -85,7 +93,10 @@ def write_shard(path: str | Path, manifest: dict, tokens: np.ndarray) -> dict:
         with open(tmp, "rb") as f:  # on disk before it takes its name, as files.atomic_write
             os.fsync(f.fileno())
         checksum = file_checksum(tmp)
-        os.replace(tmp, path / name)
+        if local:
+            os.replace(tmp, path / name)
+        else:
+            (path / name).write_bytes(tmp.read_bytes())
     finally:
         tmp.unlink(missing_ok=True)
     entry = dict(name=name, num_images=int(tokens.shape[0]), checksum=checksum)
@@ -97,7 +108,7 @@ def write_shard(path: str | Path, manifest: dict, tokens: np.ndarray) -> dict:
 
 
 def read_manifest(path: str | Path) -> dict:
-    path = Path(path)
+    path = files.as_path(path)
     manifest = files.read_json(path / MANIFEST) if (path / MANIFEST).exists() else None
     found = manifest.get("format") if isinstance(manifest, dict) else None
     if found in OLD_FORMATS:
@@ -120,11 +131,19 @@ def check_agree(manifests: dict[str, dict]) -> None:
                             f"{sum(s['num_images'] for s in m['shards'])} of {m['num_images']}"
                             " images; run that site's --mode=site again to finish it")
         for field in AGREE:
-            if m[field] != first[field]:
+            if field == "head_fingerprint" and heads(first) == PER_SITE:
+                continue
+            if m.get(field, SHARED) != first.get(field, SHARED):
                 raise SMSDError(
-                    f"payload {name} (site {m['site_id']}) has {field}={m[field]!r} but "
-                    f"{first_name} (site {first['site_id']}) has {first[field]!r}; every site "
-                    "must encode with the consortium's head and the same site settings")
+                    f"payload {name} (site {m['site_id']}) has {field}={m.get(field, SHARED)!r}"
+                    f" but {first_name} (site {first['site_id']}) has "
+                    f"{first.get(field, SHARED)!r}; every site must encode with the "
+                    "consortium's kind of head (shared or per-site) and the same site settings")
+
+
+def heads(manifest: dict) -> str:
+    """"shared" (the consortium's head) or "per_site" (the site's own)."""
+    return manifest.get("heads", SHARED)
 
 
 def verify_shards(path: str | Path, manifest: dict, mine=lambda i: True
@@ -138,7 +157,7 @@ def verify_shards(path: str | Path, manifest: dict, mine=lambda i: True
     """
     out = []
     for i, shard in enumerate(manifest["shards"]):
-        shard_path = Path(path) / shard["name"]
+        shard_path = files.as_path(path) / shard["name"]
         out.append((str(shard_path), shard["num_images"]))
         if not mine(i):
             continue
@@ -197,6 +216,32 @@ class PayloadRows(grain.sources.RandomAccessDataSource):
 
     def __repr__(self) -> str:
         return f"PayloadRows({len(self)} rows of {self.shape} {self.dtype})"
+
+
+class RowsWithSites(grain.sources.RandomAccessDataSource):
+    """Each row of `rows` with the site that sent it, `(tokens, site)`: the server's source
+    with per-site heads, where a row goes through its site's stem. `sites`: one id per row
+    (`row_sites`), held in memory (4 bytes a row)."""
+
+    def __init__(self, rows: PayloadRows, sites: np.ndarray):
+        if len(sites) != len(rows):
+            raise SMSDError(f"{len(sites)} site ids for {len(rows)} payload rows")
+        self.rows, self.sites = rows, np.asarray(sites, np.int32)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index) -> tuple[np.ndarray, np.int32]:
+        return self.rows[index], self.sites[index]
+
+    def __getitems__(self, indices) -> list[tuple[np.ndarray, np.int32]]:
+        return list(zip(self.rows.__getitems__(indices), self.sites[np.asarray(indices)]))
+
+
+def row_sites(manifests: dict[str, dict]) -> np.ndarray:
+    """The site id of every row of `open_payloads`'s `PayloadRows`, in its order."""
+    return np.concatenate([np.full(m["num_images"], m["site_id"], np.int32)
+                           for m in manifests.values()])
 
 
 def _row_shape(manifest: dict) -> tuple[int, int, int]:

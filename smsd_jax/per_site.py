@@ -104,7 +104,7 @@ def evaluate_sites(config, layout: Layout) -> dict:
         raise SMSDError("--mode=sites reports classification; segmentation runs through "
                         "--mode=downstream")
     parts, _ = data.load_partition(layout.partition)
-    body, params, _ = export.load_body(layout.body)
+    trained_body, trained, _ = export.load_body(layout.body)
     fraction = config.downstream.site_test_fraction
     sites, start = [], time.perf_counter()
     for k, part in enumerate(parts):
@@ -114,8 +114,9 @@ def evaluate_sites(config, layout: Layout) -> dict:
               flush=True)
         results = [downstream.evaluate_pixels(config, train, test, f"site {k} raw pixels",
                                               **where)]
+        head_dir, body, params = downstream.at_site(config, layout, trained_body, trained, k)
         for name, body_params in (("random body", None), ("SMSD body", params)):
-            results.append(downstream.evaluate_body(config, layout.head, body, body_params,
+            results.append(downstream.evaluate_body(config, head_dir, body, body_params,
                                                     train_source=train, test_source=test,
                                                     name=f"site {k} {name}", **where))
         for r, name in zip(results, ("raw pixels", "random body", "SMSD body")):

@@ -49,10 +49,12 @@ def run_server(config, payload_dirs: list[str | Path] | None, workdir: Layout | 
         agree=distributed.any_process)
     first = next(iter(manifests.values()))
     num_images = len(rows)
+    per_site = check_heads(config, first)
     if primary:
         size = num_images * np.prod(rows.shape) * rows.dtype.itemsize
         print(f"server: {num_images} images from {len(manifests)} sites, tokens "
-              f"{rows.shape} {rows.dtype} ({size / 2**20:.1f} MB of tokens, streamed from disk)")
+              f"{rows.shape} {rows.dtype} ({size / 2**20:.1f} MB of tokens, streamed from disk)"
+              + (", a stem per site" if per_site else ""))
 
     # ---------------------------------------------------------------- Mesh
     mesh = sharding.make_mesh(cfg.num_devices or None)
@@ -71,10 +73,15 @@ def run_server(config, payload_dirs: list[str | Path] | None, workdir: Layout | 
     # Step s trains on rows [s*B, (s+1)*B) of one shuffled stream (reshuffled every epoch by
     # grain), whatever the number of processes; each process reads only its devices' rows,
     # `cfg.prefetch` batches ahead.
-    batches = iter(_local_batches(rows, config.seed, cfg.batch_size, mesh, cfg.prefetch))
+    # With per-site heads each row comes with its site: `(tokens, site)`.
+    source = payload.RowsWithSites(rows, payload.row_sites(manifests)) if per_site else rows
+    batches = iter(_local_batches(source, config.seed, cfg.batch_size, mesh, cfg.prefetch))
 
     # ---------------------------------------------------------------- Model and optimizer
     net = models.dino_net_from_config(config)
+    if per_site:  # stems of sites 0 .. the highest id received
+        stems = 1 + max(m["site_id"] for m in manifests.values())
+        net = net.clone(body=net.body.clone(site_stems=stems))
     if net.body.input_dim != first["dim"]:
         raise SMSDError(f"config.model.size={config.model.size!r} with config.model.head_dim="
                         f"{config.model.head_dim} takes tokens of width {net.body.input_dim} "
@@ -115,8 +122,9 @@ def run_server(config, payload_dirs: list[str | Path] | None, workdir: Layout | 
         local = next(batches)
         most_held = max(most_held, rows.rows_read - trained)
         trained += local_rows
-        batch = sharding.put_batch(local, mesh)
-        state, metrics = step_fn(state, batch, step_key)
+        tokens, sites = local if per_site else (local, None)
+        sites = None if sites is None else sharding.put_batch(sites, mesh)
+        state, metrics = step_fn(state, sharding.put_batch(tokens, mesh), step_key, sites)
         # Read the previous step's metrics while this one runs (keeps the device busy).
         if pending is not None:
             last = log.check_and_write(*pending, manager.latest_step())
@@ -143,14 +151,26 @@ def run_server(config, payload_dirs: list[str | Path] | None, workdir: Layout | 
     body_dir = layout.body
     body = distributed.fetch(state.teacher["body"])  # every process: FSDP shards are gathered
     if primary:
-        export.save_body(body_dir, net.body, body, step=int(state.step),
-                         head_fingerprint=first["head_fingerprint"], sites=len(manifests),
-                         images=num_images)
+        heads = dict(site_ids=sorted(m["site_id"] for m in manifests.values())) if per_site \
+            else dict(head_fingerprint=first["head_fingerprint"])
+        export.save_body(body_dir, net.body, body, step=int(state.step), sites=len(manifests),
+                         images=num_images, **heads)
     distributed.barrier("server export")  # every process returns once the export is written
     manager.close()
     reader = dict(rows_read=rows.rows_read, most_rows_held=most_held,
                   bound=(cfg.prefetch + 1) * local_rows)
     return dict(last, body=str(body_dir), steps=total_steps, images=num_images, reader=reader)
+
+
+def check_heads(config, manifest: dict) -> bool:
+    """Whether the payloads (`manifest`, one of them: they agree) were encoded with per-site
+    heads, as `config.model.per_site_heads` must say too."""
+    per_site = payload.heads(manifest) == payload.PER_SITE
+    if per_site != bool(config.model.per_site_heads):
+        raise SMSDError(f"the payloads were encoded with {payload.heads(manifest)} heads but "
+                        f"config.model.per_site_heads={config.model.per_site_heads}; use the "
+                        "config the sites encoded with")
+    return per_site
 
 
 def _local_rows(mesh, batch_size: int) -> np.ndarray:
@@ -171,7 +191,8 @@ def _local_batches(rows, seed: int, batch_size: int, mesh, prefetch: int = 0
     """This process's part of every step's batch: step s is rows [s*B, (s+1)*B) of the
     shuffled stream (the one-process batch), of which this process reads `_local_rows`.
 
-    `rows`: any sequence of token sets by index (`payload.PayloadRows`, or an array). Up to
+    `rows`: any sequence of token sets by index (`payload.PayloadRows`, or an array), or of
+    `(tokens, site)` (`payload.RowsWithSites`: then each batch is `(tokens, sites)`). Up to
     `prefetch` batches are read ahead by one thread (0: each when it is asked for). Its
     iterator's state counts steps (the same on every process), so any process's state
     restores all of them.
@@ -182,5 +203,6 @@ def _local_batches(rows, seed: int, batch_size: int, mesh, prefetch: int = 0
     mine = _local_rows(mesh, batch_size)[::per_device] // per_device
     steps = grain.MapDataset.range(len(blocks) // mesh.size)
     read = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
-    return steps.map(lambda s: np.concatenate([blocks[s * mesh.size + j] for j in mine])
+    join = lambda *parts: np.concatenate(parts)
+    return steps.map(lambda s: jax.tree.map(join, *[blocks[s * mesh.size + j] for j in mine])
                      ).to_iter_dataset(read)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from smsd_jax import consortium, data, ops, payload
+from smsd_jax import consortium, data, files, ops, payload
 from smsd_jax.errors import SMSDError
 from smsd_jax.layout import Layout
 from smsd_jax.privacy import accountant
@@ -138,8 +138,9 @@ def run_site(config, site_id: int, source, indices: np.ndarray, head_dir: str | 
     manifest = payload.new_manifest(
         site_id=site_id, num_images=len(indices), num_samples=cfg.num_samples, tokens=k,
         dim=head.dim, dtype=cfg.payload_dtype, head_fingerprint=head_meta["fingerprint"],
-        keep=cfg.keep, num_patches=head.num_patches, noise=noise_settings(cfg, k))
-    manifest = _resume(Path(out_dir), manifest)
+        keep=cfg.keep, num_patches=head.num_patches, noise=noise_settings(cfg, k),
+        per_site_head=config.model.per_site_heads)
+    manifest = _resume(files.as_path(out_dir), manifest)
     done = sum(s["num_images"] for s in manifest["shards"])
 
     dataset = data.site_dataset(source, indices, num_samples=cfg.num_samples,
@@ -167,15 +168,16 @@ def run_site(config, site_id: int, source, indices: np.ndarray, head_dir: str | 
 def site_stage(config, layout: Layout, site_id: int, head_dir: str | Path | None = None,
                head_fingerprint: str | None = None) -> dict:
     """Stage 1 for site `site_id` of the work directory `layout`: its images (from the
-    partition), its key (`config.site.secret_seed + site_id`, or its own secret), its payload
-    into `layout.payload(site_id)`. Returns the payload's manifest."""
+    partition), its key (`config.site.secret_seed + site_id`, or its own secret), its head
+    (`head_dir`, default `consortium.site_head`), its payload into `layout.payload(site_id)`.
+    Returns the payload's manifest."""
     parts, _ = data.load_partition(layout.partition)
     if not 0 <= site_id < len(parts):
         raise SMSDError(f"--site={site_id} but {layout.partition} has {len(parts)} sites")
-    seed = (config.site.secret_seed + site_id if config.site.secret_seed >= 0
-            else consortium.site_secret(layout, site_id))
+    seed = secret_seed(config, layout, site_id)
     source = data.load_source(config.data, "train")
-    manifest = run_site(config, site_id, source, parts[site_id], head_dir or layout.head,
+    head_dir = head_dir or consortium.site_head(config, layout, site_id)
+    manifest = run_site(config, site_id, source, parts[site_id], head_dir,
                         layout.payload(site_id), secret_seed=seed,
                         expected_fingerprint=head_fingerprint)
     print(f"site {site_id}: {manifest['num_images']} images -> {layout.payload(site_id)}")
@@ -186,6 +188,14 @@ def site_stage(config, layout: Layout, site_id: int, head_dir: str | Path | None
               f"{n['dp_epsilon']:.4g} at delta {n['dp_delta']:g} (clip {n['dp_clip']:g}, "
               f"noise multiplier {n['dp_noise_multiplier']:g})")
     return manifest
+
+
+def secret_seed(config, layout: Layout, site_id: int) -> int:
+    """Site `site_id`'s permutation key: `config.site.secret_seed + site_id` (a reproducible
+    simulation), or with -1 the site's own (`consortium.site_secret`)."""
+    if config.site.secret_seed >= 0:
+        return config.site.secret_seed + site_id
+    return consortium.site_secret(layout, site_id)
 
 
 def _resume(out_dir: Path, manifest: dict) -> dict:

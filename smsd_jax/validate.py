@@ -37,6 +37,8 @@ def check_config(config) -> None:
     _require(m.pos_std >= 0, "model.pos_std", m.pos_std, "must be non-negative")
     _require(isinstance(m.head_dim, int) and m.head_dim >= 0, "model.head_dim", m.head_dim,
              "must be 0 (tokens at the body's width, no stem) or a token width >= 1")
+    _require(m.head_dim > 0 or not m.per_site_heads, "model.per_site_heads",
+             m.per_site_heads, "needs model.head_dim > 0: each site's head gets its own stem")
     _require(m.constant_patches in models.CONSTANT_PATCHES, "model.constant_patches",
              m.constant_patches, f"use one of {models.CONSTANT_PATCHES}")
     num_patches = (d.image_size // m.patch_size) ** 2

@@ -150,6 +150,60 @@ def test_stem_init_keeps_the_token_scale():
     assert 0.8 < float(jnp.std(tokens @ kernel)) / float(jnp.std(tokens)) < 1.25
 
 
+# ------------------------------------------------- per-site stems (per-site heads)
+
+SITES = 3
+
+
+def _site_stem_body():
+    return models.ViTBody(DIM, DEPTH, HEADS, token_dim=TOKEN_DIM, site_stems=SITES)
+
+
+def _site_stem_params(tokens, sites):
+    params = _site_stem_body().init(jax.random.key(0), tokens, sites=sites)["params"]
+    return _perturbed(params, jax.random.key(5))
+
+
+def test_per_site_stems_keep_the_body_blind_to_order():
+    tokens = jax.random.normal(jax.random.key(3), (4, 11, TOKEN_DIM))
+    sites = jnp.array([0, 2, 1, 2])
+    body, params = _site_stem_body(), _site_stem_params(tokens, sites)
+    assert params["stem"]["kernel"].shape == (SITES, TOKEN_DIM, DIM)
+    assert params["stem"]["bias"].shape == (SITES, DIM)
+    perm = jax.random.permutation(jax.random.key(4), 11)
+    cls, out = body.apply({"params": params}, tokens, sites=sites)
+    cls_p, out_p = body.apply({"params": params}, tokens[:, perm], sites=sites)
+    np.testing.assert_allclose(cls_p, cls, atol=1e-5)
+    np.testing.assert_allclose(out_p, out[:, perm], atol=1e-5)
+
+
+def test_a_sites_body_is_the_per_site_body_on_its_tokens():
+    # site_body cuts out one stem: the plain body a site fine-tunes gives, on its tokens, what
+    # the server's body gives them through that site's stem; another site's stem differs.
+    tokens = jax.random.normal(jax.random.key(6), (SITES, 9, TOKEN_DIM))
+    sites = jnp.arange(SITES)
+    body, params = _site_stem_body(), _site_stem_params(tokens, sites)
+    cls, _ = body.apply({"params": params}, tokens, sites=sites)
+    for k in range(SITES):
+        plain, plain_params = models.site_body(body, params, k)
+        assert plain.site_stems == 0 and plain_params["stem"]["kernel"].shape == (TOKEN_DIM, DIM)
+        own, _ = plain.apply({"params": plain_params}, tokens[k:k + 1])
+        np.testing.assert_allclose(own, cls[k:k + 1], atol=1e-5)
+        other, _ = body.apply({"params": params}, tokens[k:k + 1],
+                              sites=jnp.array([(k + 1) % SITES]))
+        assert float(jnp.abs(other - own).max()) > 1e-2
+    with pytest.raises(ValueError, match="site 3 has no stem"):
+        models.site_body(body, params, SITES)
+
+
+def test_per_site_stems_need_the_sites_and_only_they_take_them():
+    tokens = jnp.zeros((2, 5, TOKEN_DIM))
+    with pytest.raises(ValueError, match="called without sites"):
+        _site_stem_body().init(jax.random.key(0), tokens)
+    with pytest.raises(ValueError, match="called with sites"):
+        _stem_body().init(jax.random.key(0), tokens, sites=jnp.zeros((2,), jnp.int32))
+
+
 def test_head_stem_body_equals_the_folded_plain_vit():
     # Head at the token width + stem + body, against a head at the body's width holding the
     # folded embeddings (W S, b S + c, P S) and the same body without its stem.

@@ -149,3 +149,22 @@ def test_teacher_entropy_bounds():
     np.testing.assert_allclose(uniform, np.log(out_dim), rtol=1e-5)
     peaked = ops.teacher_entropy(jnp.eye(out_dim)[None, :4] * 100, jnp.zeros(out_dim), 0.04)
     assert peaked < 1e-3
+
+
+def test_a_centre_per_site_removes_an_output_that_only_names_the_site():
+    # A teacher whose logits say only which of 3 sites an image came from: one centre leaves
+    # its targets one-hot (the collapse onto the sites); a centre per site flattens them.
+    out_dim, sites = 16, jnp.array([0, 1, 2, 0, 1, 2, 1, 1])
+    per_site = 5.0 * jax.nn.one_hot(jnp.array([3, 7, 11]), out_dim)
+    logits = jnp.broadcast_to(per_site[sites], (2, len(sites), out_dim))
+    one, centres = jnp.zeros(out_dim), jnp.zeros((4, out_dim))  # site 3 sends nothing
+    for _ in range(200):
+        one = ops.update_center(one, logits, 0.9)
+        centres = ops.update_site_centers(centres, logits, sites, 0.9)
+    assert float(ops.teacher_entropy(logits, one, 0.04)) < 0.01
+    assert float(ops.teacher_entropy(logits, centres[sites], 0.04)) > 0.99 * np.log(out_dim)
+    np.testing.assert_allclose(centres[:3], per_site, atol=1e-4)
+    np.testing.assert_array_equal(centres[3], 0.0)  # a site without images keeps its centre
+    # The loss takes each image's centre the same way.
+    loss = ops.dino_loss(logits, logits, centres[sites], 0.1, 0.04)
+    assert np.isfinite(float(loss))

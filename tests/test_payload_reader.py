@@ -100,3 +100,24 @@ def test_processes_split_the_checksums_and_agree_on_a_damaged_site(tmp_path):
         with pytest.warns(UserWarning, match="skipping payload .*site_b"):
             manifests, rows = payload.open_payloads(dirs, True, share=share, agree=agree)
         assert list(manifests) == [str(good)] and len(rows) == 64
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_rows_with_their_sites_are_the_same_batches_and_each_rows_site(payloads, devices):
+    # Per-site heads: each row comes with the site that sent it, and the tokens stay the
+    # batches of the plain reader, row for row.
+    _, dirs = payloads
+    manifests, rows = payload.open_payloads(dirs)
+    sites = payload.row_sites(manifests)
+    np.testing.assert_array_equal(sites, np.repeat([0, 1], 256))
+    mesh = sharding.make_mesh(devices)
+    labelled = _batches(payload.RowsWithSites(rows, sites), mesh, 40)
+    plain = _batches(rows, mesh, 40)
+    index = _batches(np.arange(len(rows)), mesh, 40)  # which row each batch holds
+    for (tokens, batch_sites), expected, rows_in in zip(labelled, plain, index):
+        np.testing.assert_array_equal(tokens, expected)
+        assert batch_sites.dtype == np.int32
+        np.testing.assert_array_equal(batch_sites, sites[rows_in])
+    assert {s for _, b in labelled for s in b.tolist()} == {0, 1}
+    with pytest.raises(ValueError, match="511 site ids for 512 payload rows"):
+        payload.RowsWithSites(rows, sites[:-1])

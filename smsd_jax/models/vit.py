@@ -259,6 +259,10 @@ class ViTBody(nn.Module):
         head's, about 1 per value) what it is without a stem, where 0.02 would shrink them
         to 0.02 sqrt(token_dim) of it; DINO's own input map, its patch embedding (a Conv2d),
         is not under the 0.02 rule either.
+      site_stems: 0: one stem for every site (one head). S > 0 (per-site heads,
+        `config.model.per_site_heads`): S stems, kernel `[S, token_dim, dim]` and bias
+        `[S, dim]`, and each example goes through the stem of its site (`sites` at call).
+        `site_body` cuts out one site's stem: that site's plain body.
     """
     dim: int
     depth: int
@@ -268,6 +272,7 @@ class ViTBody(nn.Module):
     attention: str | None = None
     drop_path: float = 0.0
     token_dim: int = 0
+    site_stems: int = 0
 
     @property
     def drop_path_rates(self) -> list[float]:
@@ -280,12 +285,13 @@ class ViTBody(nn.Module):
         return self.token_dim or self.dim
 
     @nn.compact
-    def __call__(self, tokens: jax.Array,
-                 deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, tokens: jax.Array, deterministic: bool = True,
+                 sites: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """tokens `[B, K, input_dim]` -> (class feature `[B, D]`, token features `[B, K, D]`).
 
         `deterministic=False` (the student's training forward) applies stochastic depth and
-        needs `rngs={"drop_path": key}` when `drop_path > 0`.
+        needs `rngs={"drop_path": key}` when `drop_path > 0`. `sites` `[B]` (int): the site of
+        each example, with `site_stems` only.
         """
         width = self.input_dim
         if tokens.ndim != 3 or tokens.shape[-1] != width:
@@ -294,7 +300,15 @@ class ViTBody(nn.Module):
                             f"{self.dim}{stem}: expected [batch, tokens, {width}]")
         if not 0.0 <= self.drop_path < 1.0:
             raise SMSDError(f"drop_path must be in [0, 1), got {self.drop_path}")
-        if self.token_dim:
+        if (sites is not None) != bool(self.site_stems) or (self.site_stems
+                                                             and not self.token_dim):
+            given = "without" if sites is None else "with"
+            raise SMSDError(f"a body with site_stems={self.site_stems} and token_dim="
+                            f"{self.token_dim} was called {given} sites: per-site stems need a "
+                            "token_dim > 0 and the site of every example, and only they do")
+        if self.site_stems:
+            tokens = SiteStems(self.site_stems, self.dim, self.dtype, name="stem")(tokens, sites)
+        elif self.token_dim:
             tokens = nn.Dense(self.dim, dtype=self.dtype, name="stem",
                               kernel_init=nn.initializers.lecun_normal(),
                               bias_init=nn.initializers.zeros)(tokens)
@@ -306,6 +320,41 @@ class ViTBody(nn.Module):
                       drop_path=rate, name=f"block{i}")(x, deterministic)
         x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
         return x[:, 0], x[:, 1:]
+
+
+class SiteStems(nn.Module):
+    """One per-token linear stem per site: token `t` of site `s` -> `t @ kernel[s] + bias[s]`.
+
+    Each stem is initialised as `ViTBody`'s single stem (`lecun_normal` over the token width,
+    zero bias), each from its own part of the key.
+    """
+    num_sites: int
+    dim: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, sites: jax.Array) -> jax.Array:
+        """tokens `[B, K, token_dim]`, sites `[B]` -> `[B, K, dim]`."""
+        kernel = self.param("kernel", nn.initializers.lecun_normal(batch_axis=(0,)),
+                            (self.num_sites, tokens.shape[-1], self.dim))
+        bias = self.param("bias", nn.initializers.zeros, (self.num_sites, self.dim))
+        kernel, bias = jnp.asarray(kernel, self.dtype), jnp.asarray(bias, self.dtype)
+        return jnp.einsum("bkt,btd->bkd", tokens.astype(self.dtype), kernel[sites]
+                          ) + bias[sites][:, None]
+
+
+def site_body(body: ViTBody, params, site: int) -> tuple[ViTBody, dict]:
+    """Site `site`'s body out of one with per-site stems: the blocks as they are and that
+    site's stem alone, as a plain `ViTBody` with one stem (what the site fine-tunes); a body
+    without per-site stems is returned as it is."""
+    if not body.site_stems:
+        return body, params
+    if not 0 <= site < body.site_stems:
+        raise SMSDError(f"site {site} has no stem in this body: it holds stems of sites 0 to "
+                        f"{body.site_stems - 1}; only sites whose payloads the server trained "
+                        "on have one")
+    stem = {name: value[site] for name, value in params["stem"].items()}
+    return body.clone(site_stems=0), {**params, "stem": stem}
 
 
 class DINOHead(nn.Module):
@@ -353,14 +402,15 @@ class DINONet(nn.Module):
     body: ViTBody
     dino_head: DINOHead
 
-    def __call__(self, tokens: jax.Array,
-                 deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, tokens: jax.Array, deterministic: bool = True,
+                 sites: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """tokens `[B, K, D]` -> (logits `[B, out_dim]`, class feature `[B, D]`).
 
         The student trains with `deterministic=False, rngs={"drop_path": key}` (stochastic
-        depth); the teacher and everything downstream use the default.
+        depth); the teacher and everything downstream use the default. `sites` `[B]`: each
+        example's site, for a body with per-site stems.
         """
-        feature, _ = self.body(tokens, deterministic)
+        feature, _ = self.body(tokens, deterministic, sites)
         return self.dino_head(feature), feature
 
 

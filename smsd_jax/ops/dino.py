@@ -22,13 +22,15 @@ def dino_loss(student_logits: jax.Array, teacher_logits: jax.Array, center: jax.
     Args:
       student_logits: `[S, batch, out_dim]`; the first `T` views are the teacher's views.
       teacher_logits: `[T, batch, out_dim]`, `T <= S`.
-      center: `[out_dim]`.
+      center: `[out_dim]`, or `[batch, out_dim]`: each image's own (its site's centre with
+        per-site heads, `update_site_centers`).
       student_temp, teacher_temp: scalars.
 
     Returns:
       A float32 scalar.
     """
-    chex.assert_rank([student_logits, teacher_logits, center], [3, 3, 1])
+    chex.assert_rank([student_logits, teacher_logits], [3, 3])
+    chex.assert_rank(center, {1, 2})
     chex.assert_equal_shape_suffix([student_logits, teacher_logits], 2)
     num_teacher, num_student = teacher_logits.shape[0], student_logits.shape[0]
     if num_student < 2 or num_teacher > num_student:
@@ -60,6 +62,34 @@ def update_center(center: jax.Array, teacher_logits: jax.Array, momentum: float)
     return momentum * center + (1.0 - momentum) * batch_mean
 
 
+def update_site_centers(centers: jax.Array, teacher_logits: jax.Array, sites: jax.Array,
+                        momentum: float) -> jax.Array:
+    """`update_center` for each site apart: site s's centre follows the teacher's mean logit
+    over its own images of the batch (all views), and stays as it is when it has none.
+
+    With a head and a stem per site, a teacher whose output says only which site an image
+    came from is a solution that one centre cannot remove (it is not constant over the
+    batch) and that the student matches from the stem alone, a collapse onto the sites. A
+    centre per site removes every per-site constant, as DINO's centre removes a constant.
+
+    Args:
+      centers: `[num_sites, out_dim]`.
+      teacher_logits: `[T, batch, out_dim]` (a sharded batch: means over the global batch).
+      sites: `[batch]` int, each image's site.
+      momentum: the EMA momentum (`update_center`'s).
+
+    Returns:
+      The new centres, `[num_sites, out_dim]` float32.
+    """
+    chex.assert_rank([centers, teacher_logits, sites], [2, 3, 1])
+    per_image = jnp.mean(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32), axis=0)
+    member = jax.nn.one_hot(sites, centers.shape[0], dtype=jnp.float32)  # [batch, sites]
+    counts = member.sum(0)[:, None]
+    means = (member.T @ per_image) / jnp.maximum(counts, 1.0)
+    updated = momentum * centers + (1.0 - momentum) * means
+    return jnp.where(counts > 0, updated, centers)
+
+
 def ema(teacher: chex.ArrayTree, student: chex.ArrayTree, momentum: float | jax.Array
         ) -> chex.ArrayTree:
     """`teacher <- momentum * teacher + (1 - momentum) * student`, leaf by leaf."""
@@ -68,7 +98,8 @@ def ema(teacher: chex.ArrayTree, student: chex.ArrayTree, momentum: float | jax.
 
 
 def teacher_entropy(teacher_logits: jax.Array, center: jax.Array, teacher_temp) -> jax.Array:
-    """Mean entropy (nats) of the teacher's centred, sharpened targets.
+    """Mean entropy (nats) of the teacher's centred, sharpened targets (`center` as
+    `dino_loss` takes it).
 
     Near `ln(out_dim)`: uniform collapse; near 0: one-hot collapse.
     """

@@ -97,7 +97,7 @@ def points(config) -> list[dict]:
 # ----------------------------------------------------------------------------- data
 
 
-def _images(config, split: str, count: int, seed: int) -> np.ndarray:
+def sample_images(config, split: str, count: int, seed: int) -> np.ndarray:
     """`count` images of `split`, drawn at random: float32 `[count, H, W, C]` in [0, 1]."""
     source = data.load_source(config.data, split)
     if count > len(source):
@@ -107,7 +107,7 @@ def _images(config, split: str, count: int, seed: int) -> np.ndarray:
     return np.stack([source[int(i)]["image"] for i in index]).astype(np.float32) / 255
 
 
-def _augmented(images: np.ndarray, copies: int, augment, seed: int) -> np.ndarray:
+def augment_copies(images: np.ndarray, copies: int, augment, seed: int) -> np.ndarray:
     """`[n, H, W, C]` -> `[n, copies, H, W, C]`, each copy augmented as the site's pipeline does."""
     aug, rng = data.augment_from_config(augment), np.random.default_rng(seed)
     return np.stack([[aug.image(x, rng) for _ in range(copies)] for x in images])
@@ -135,19 +135,20 @@ def prepare(config) -> _Data:
     m = config.site.num_samples
     augment = config.site.augment if p.augment else None
     flips = data.augment_from_config(augment).flip
-    victim = _augmented(_images(config, p.victim_split, p.num_victim, config.seed), m, augment,
-                        config.seed + 1).reshape(-1, d.image_size, d.image_size, d.channels)
-    public = _augmented(_images(config, p.public_split, p.num_public, config.seed + 2), 1,
-                        augment, config.seed + 3)[:, 0]
+    victim = augment_copies(sample_images(config, p.victim_split, p.num_victim, config.seed),
+                            m, augment, config.seed + 1
+                            ).reshape(-1, d.image_size, d.image_size, d.channels)
+    public = augment_copies(sample_images(config, p.public_split, p.num_public,
+                                          config.seed + 2), 1, augment, config.seed + 3)[:, 0]
     public = (public - d.mean) / d.std
     patch = config.model.patch_size
     public_patches = np.asarray(models.patchify(public, patch))
     prior = attacks.fit_patch_prior(public_patches)
     # Nothing recovered: every patch is the public mean, the attacker's guess without data.
-    guess = np.broadcast_to(_to_pixels(config, prior.mean[None, :0], np.zeros((1, 0), int),
-                                       prior.mean), victim.shape)
+    guess = np.broadcast_to(to_pixels(config, prior.mean[None, :0], np.zeros((1, 0), int),
+                                      prior.mean), victim.shape)
     return _Data(victim, np.asarray(models.patchify((victim - d.mean) / d.std, patch)), public,
-                 public_patches, prior, m, flips, _quality(guess, victim, flips))
+                 public_patches, prior, m, flips, image_quality(guess, victim, flips))
 
 
 # ----------------------------------------------------------------------------- heads
@@ -207,7 +208,7 @@ def setup_head(config, ds: _Data, point: dict) -> _Head:
 # ------------------------------------------------------------------------- evaluation
 
 
-def _to_pixels(config, patches, positions, fill) -> np.ndarray:
+def to_pixels(config, patches, positions, fill) -> np.ndarray:
     """Recovered patches `[S, K, P]` at `positions` `[S, K]`, `fill` `[N, P]` elsewhere
     (normalised) -> images `[S, H, W, C]` in [0, 1]."""
     images = attacks.assemble_images(patches, positions, fill, config.model.patch_size,
@@ -215,7 +216,7 @@ def _to_pixels(config, patches, positions, fill) -> np.ndarray:
     return np.clip(images * config.data.std + config.data.mean, 0.0, 1.0)
 
 
-def _quality(images, truth, flips: bool) -> dict:
+def image_quality(images, truth, flips: bool) -> dict:
     """Mean PSNR and SSIM of reconstructions `[S, H, W, 1]`. With `flips` each image is scored
     in its better orientation: the site mirrors images at random, so neither the attacker nor
     the truth has a preferred one, and a mirrored reconstruction shows as much."""
@@ -227,7 +228,7 @@ def _quality(images, truth, flips: bool) -> dict:
     return dict(psnr=float(np.mean(np.minimum(psnr, PSNR_CAP_DB))), ssim=float(np.mean(ssim)))
 
 
-def _accuracy(found, truth, num_positions: int, flips: bool) -> float:
+def mirror_accuracy(found, truth, num_positions: int, flips: bool) -> float:
     """Position accuracy; with `flips`, the better of the positions and their mirror images
     (one choice for the whole payload: the mirror symmetry of flip-augmented data lets an
     attacker name every position by its mirror, which reveals as much)."""
@@ -311,7 +312,7 @@ def _grouping(config, ds: _Data, sent, positions, order: str, noise_std: float,
         tokens, truth = flat[pick], truth[pick]
     moments = attacks.group_moments(tokens, groups, noise_std)
     labels = attacks.spectral_labels(moments, np.max(groups) + 1, ds.prior, p.spectrum_size)
-    spectral = _accuracy(labels[groups], truth, n, ds.flips)
+    spectral = mirror_accuracy(labels[groups], truth, n, ds.flips)
     if in_grid_order:
         return purity, spectral, (tokens, groups, moments, np.arange(n), 0)
     return purity, spectral, (tokens, groups, moments, labels, p.moments.rounds)
@@ -354,14 +355,14 @@ def _anchors(config, ds: _Data, sent, assign, noise_std: float, seed: int, unpla
         jax.random.key(seed), flat, groups, moments, names, ds.prior, steps=p.moments.steps,
         refine_steps=p.moments.refine_steps, rounds=p.moments.rounds, lr=p.moments.lr)
     model = attacks.linear_gaussian(kernel, offsets, ds.prior, noise_std, ridge=p.prior_ridge)
-    return groups, by_anchor, _linear(config, model, sent, assign, ds.prior.mean)
+    return groups, by_anchor, linear_attack(config, model, sent, assign, ds.prior.mean)
 
 
-def _linear(config, model: attacks.LinearGaussian, sent, assign, fill):
+def linear_attack(config, model: attacks.LinearGaussian, sent, assign, fill):
     """Positions by `gaussian_scores` and the order, then patches inverted there: the attack of
     a server that knows (or has estimated) the head. -> (positions `[S, K]`, images)."""
     found = assign(attacks.gaussian_scores(model, sent))
-    return found, _to_pixels(config, attacks.invert_patches(model, sent, found), found, fill)
+    return found, to_pixels(config, attacks.invert_patches(model, sent, found), found, fill)
 
 
 def _row(accuracies: dict, reconstructions: dict, linkage: dict) -> dict:
@@ -388,7 +389,7 @@ def evaluate_point(config, ds: _Data, hd: _Head, point: dict, seed: int) -> dict
     s, k, _ = sent.shape
     n, m, fill = ds.victim_patches.shape[1], ds.num_samples, ds.prior.mean
     assign = lambda scores: attacks.assign_positions(scores, order)
-    accuracy = lambda found: _accuracy(found, positions, n, ds.flips)
+    accuracy = lambda found: mirror_accuracy(found, positions, n, ds.flips)
 
     purity, spectral, blind = _grouping(config, ds, sent, positions, order,
                                         point["noise_std"], seed + 1)
@@ -405,19 +406,19 @@ def evaluate_point(config, ds: _Data, hd: _Head, point: dict, seed: int) -> dict
         log_probs, patches = attacks.attacker_predict(params, jnp.asarray(
             attacks.standardize(sent)))
         found = assign(np.asarray(log_probs))
-        return accuracy(found), _to_pixels(config, np.asarray(patches), found, fill)
+        return accuracy(found), to_pixels(config, np.asarray(patches), found, fill)
 
     leaked_accuracy, leaked_images = learned(hd.leaked)
     own_accuracy, own_images = learned(hd.own)
 
     # Head public: linear algebra on W and the offsets; the learned attacker with the true head.
-    found, linear_images = _linear(config, hd.gaussian, sent, assign, fill)
+    found, linear_images = linear_attack(config, hd.gaussian, sent, assign, fill)
     public_images = {"linear": linear_images, "learned": leaked_images}
     public = _row(
         dict(order_only=order_only,
              projection=accuracy(assign(attacks.projection_scores(sent, hd.kernel, hd.offsets))),
              gaussian=accuracy(found), learned=leaked_accuracy),
-        {name: _quality(x, ds.victim, ds.flips) for name, x in public_images.items()},
+        {name: image_quality(x, ds.victim, ds.flips) for name, x in public_images.items()},
         {**token_link, **_linkage(_image_similarity, linear_images, m, config.seed)})
 
     # Head secret: a learned attacker with the server's own head; groups named by spectra; the
@@ -430,7 +431,7 @@ def evaluate_point(config, ds: _Data, hd: _Head, point: dict, seed: int) -> dict
         lr=p.moments.lr)
     estimated = attacks.linear_gaussian(kernel, offsets, ds.prior, point["noise_std"],
                                         ridge=p.prior_ridge)
-    found, moment_images = _linear(config, estimated, sent, assign, fill)
+    found, moment_images = linear_attack(config, estimated, sent, assign, fill)
     secret_images = {"learned_own_head": own_images, "moments": moment_images}
     secret_accuracies = dict(order_only=order_only, learned_own_head=own_accuracy,
                              spectral=spectral, moments=accuracy(found))
@@ -439,7 +440,7 @@ def evaluate_point(config, ds: _Data, hd: _Head, point: dict, seed: int) -> dict
         secret_accuracies.update(anchors=accuracy(by_anchor), anchors_moments=accuracy(found))
     secret = _row(
         secret_accuracies,
-        {name: _quality(x, ds.victim, ds.flips) for name, x in secret_images.items()},
+        {name: image_quality(x, ds.victim, ds.flips) for name, x in secret_images.items()},
         {**token_link, **_linkage(_image_similarity, moment_images, m, config.seed)})
     secret["head_leaked_accuracy"] = leaked_accuracy
     examples = {head: images[row["reconstruction_attack"]][::m][:p.num_examples]
