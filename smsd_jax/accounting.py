@@ -12,6 +12,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from smsd_jax import files
+
 
 def compiled_flops(fn, *args, **kwargs) -> float:
     """FLOPs of one call `fn(*args, **kwargs)` as XLA compiles it (`fn` jitted or not).
@@ -36,4 +38,4 @@ def tree_bytes(tree) -> int:
 
 def folder_bytes(path: str | Path) -> int:
     """Bytes of every file under `path` (what a site would upload or download)."""
-    return int(sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()))
+    return int(sum(files.size(f) for f in files.as_path(path).rglob("*") if f.is_file()))

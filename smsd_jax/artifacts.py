@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -49,19 +48,25 @@ def save_artifact(path: str | os.PathLike, tree: Any, meta: dict) -> None:
     if jax.process_index() != 0:
         raise RuntimeError(f"process {jax.process_index()} cannot write the artifact {path}: "
                            "only process 0 writes artifacts")
-    path = Path(path).absolute()
+    path = files.as_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = files.temporary_name(path)
+    # Locally: built beside `path`, then renamed over it. In an object store (no atomic
+    # rename): written in place, `meta.json` last, so an artifact without it is incomplete.
+    local = files.is_local(path)
+    if not local and path.exists():
+        path.rmtree()
+    tmp = files.temporary_name(path) if local else path
     tree = jax.tree.map(np.asarray, jax.device_get(tree))
     with _checkpointer() as ckpt:
         ckpt.save(tmp / TREE, tree)
     files.write_json(tmp / META, {**meta, "checksum": tree_checksum(tree)})
-    files.replace_dir(tmp, path)
+    if local:
+        files.replace_dir(tmp, path)
 
 
 def load_meta(path: str | os.PathLike) -> dict:
     """The `meta.json` of the artifact at `path`."""
-    path = Path(path)
+    path = files.as_path(path)
     if not (path / META).is_file():
         raise MissingInputError(f"{path} is not an artifact of this project (no {META}); "
                                 "check the path, or run the stage that writes it")
@@ -70,7 +75,7 @@ def load_meta(path: str | os.PathLike) -> dict:
 
 def load_artifact(path: str | os.PathLike) -> tuple[Any, dict]:
     """Restores `(tree, meta)` as NumPy arrays and checks the tree against its checksum."""
-    path = Path(path).absolute()
+    path = files.as_path(path)
     meta = load_meta(path)
     with _checkpointer() as ckpt:
         target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), ckpt.metadata(path / TREE)

@@ -16,19 +16,18 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from smsd_jax import distributed
+from smsd_jax import distributed, files
 from smsd_jax.errors import SMSDError
 
 
 def manager(directory: str | os.PathLike, keep: int) -> ocp.CheckpointManager:
     """The checkpoint manager of a training run in `directory` (created), keeping `keep`."""
-    return ocp.CheckpointManager(Path(directory), options=ocp.CheckpointManagerOptions(
+    return ocp.CheckpointManager(files.as_path(directory), options=ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True))
 
 
@@ -84,11 +83,11 @@ def state_fingerprint(state) -> str:
 
 def _set_aside(manager: ocp.CheckpointManager, step: int, why: str) -> None:
     """Renames checkpoint `step` to `<step>.damaged` (process 0; every process calls this)."""
-    damaged = Path(manager.directory) / str(step)
+    damaged = files.as_path(manager.directory) / str(step)
     warnings.warn(f"checkpoint {damaged} is damaged ({why}); kept aside as {damaged}.damaged, "
                   "trying the one before it")
     if distributed.is_primary():
-        os.replace(damaged, damaged.with_name(f"{step}.damaged"))
+        damaged.rename(damaged.with_name(f"{step}.damaged"))
     distributed.barrier(f"checkpoint {step} set aside")
     manager.reload()
 
@@ -109,8 +108,9 @@ def restore_latest(manager: ocp.CheckpointManager, state, batches):
         except Exception as e:  # Orbax / tensorstore errors on damaged files vary by version.
             why = f"{type(e).__name__}: {str(e)[:200]}"
             if jax.process_count() > 1:
+                where = files.as_path(manager.directory) / str(step)
                 raise SMSDError(
-                    f"checkpoint {Path(manager.directory) / str(step)} does not restore ({why}); "
+                    f"checkpoint {where} does not restore ({why}); "
                     "move it away (e.g. to <step>.damaged) and rerun to use the one before it"
                 ) from e
             _set_aside(manager, step, why)

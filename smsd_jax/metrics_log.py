@@ -43,7 +43,7 @@ class EventWriter:
     """
 
     def __init__(self, logdir: str | os.PathLike):
-        logdir = Path(logdir)
+        logdir = files.as_path(logdir)
         logdir.mkdir(parents=True, exist_ok=True)
         # The file name holds the time in whole seconds: a suffix keeps two writers apart.
         self._events = EventsWriter(str(logdir / "events"),
@@ -83,14 +83,15 @@ class MetricsLog:
     """One JSON line of metrics per step; stops the run at the first non-finite loss.
 
     Every process checks the (global) metrics; only the one made with `write` (process 0)
-    writes them, to the file and to TensorBoard.
+    writes them, to the file and to TensorBoard. A local file gets each line as it comes;
+    one in an object store (no append) the lines gathered since the last `flush`.
     """
 
     def __init__(self, path: Path, events_dir: Path, out_dim: int, start_step: int,
                  collapse_patience: int, write: bool = True):
         self.path, self.max_entropy, self.rate = path, math.log(out_dim), float("nan")
         self.patience, self.collapsed_steps, self.warned = collapse_patience, 0, False
-        self.write, self.events = write, None
+        self.write, self.events, self._lines = write, None, []
         if not write:
             return
         if path.exists():  # A resumed run logs again the steps after its checkpoint.
@@ -109,16 +110,24 @@ class MetricsLog:
         row.update(step=step, max_entropy=self.max_entropy, images_per_s=self.rate)
         self._watch_collapse(row["teacher_entropy"], step)
         if self.write:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            self._lines.append(json.dumps(row) + "\n")
+            if files.is_local(self.path):
+                self._write_lines()
             self.events.scalars(step, {k: v for k, v in row.items() if k != "step"})
         return row
 
+    def _write_lines(self) -> None:
+        if self._lines:
+            files.append_text(self.path, "".join(self._lines))
+            self._lines = []
+
     def flush(self) -> None:
+        self._write_lines()
         if self.events:
             self.events.flush()
 
     def close(self) -> None:
+        self._write_lines()
         if self.events:
             self.events.close()
 

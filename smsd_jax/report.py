@@ -33,7 +33,7 @@ def read_metrics(path: str | os.PathLike) -> dict[str, np.ndarray]:
     A last line without its newline (the server is writing it, or was killed while writing
     it) is left out; any other unreadable line is an error naming the file and line.
     """
-    path = Path(path)
+    path = files.as_path(path)
     if not path.is_file():
         raise MissingInputError(f"no training metrics: {path} does not exist; run "
                                 "--mode=server (or --mode=simulate) on this workdir first")
@@ -58,7 +58,7 @@ def read_metrics(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def read_downstream(path: str | os.PathLike) -> list[dict] | None:
     """The results of stage 3 (`downstream.json`), or None when stage 3 has not run."""
-    return files.read_json(path) if Path(path).is_file() else None
+    return files.read_json(path) if files.as_path(path).is_file() else None
 
 
 # ---------------------------------------------------------------- math

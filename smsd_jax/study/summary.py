@@ -318,7 +318,7 @@ def bytes_figure(summary: dict, probe: str = "linear") -> Figure:
 
 def write(summary: dict, out_dir: str | os.PathLike) -> list[Path]:
     """Writes study.json, study.md and the two PNGs into `out_dir` (each atomically)."""
-    out_dir = Path(out_dir)
+    out_dir = files.as_path(out_dir)
     files.write_json(out_dir / JSON, summary)
     files.write_text(out_dir / MARKDOWN, markdown(summary))
     paths = [out_dir / JSON, out_dir / MARKDOWN]
