@@ -2,7 +2,9 @@
 
 An artifact is a folder `<path>/` holding `tree/` (an Orbax checkpoint) and `meta.json`. It is
 built under a temporary name beside `<path>` and renamed into place, so a reader sees either
-the old complete artifact or the new complete one, never a half-written one.
+the old complete artifact or the new complete one, never a half-written one. In an object
+store (`gs://`, no atomic rename) it is written in place, `meta.json` last: one without it
+is incomplete, and reading it says so.
 """
 
 from __future__ import annotations
