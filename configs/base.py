@@ -32,8 +32,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.workdir = "runs/default"
-    # The consortium key the head is drawn from; -1 draws it from the OS (what a real
-    # consortium does). A fixed value makes a simulation reproducible.
+    # The consortium key the head is drawn from: -1 draws 128 bits from the OS (what a real
+    # consortium does). A fixed value is a public demo key: only through `demo_keys` (the
+    # quickstart's variant, the studies' configs), for reproducible simulations on public
+    # data (smsd_jax/keys.py).
     c.consortium_seed = -1
 
     # Data: the built-in real data set (Debian's dataset-fashion-mnist), or a user's.
@@ -204,6 +206,17 @@ def _tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                         finetune_fractions=(0.5,), batch_size=32, eval_batch_size=100,
                         knn_k=5, finetune_min_steps=0)
     c.data.subset = 256
+    return c
+
+
+def demo_keys(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Public demo keys: the same head and payloads on every run, so that numbers reproduce to
+    the digit, and a warning at every stage (anyone can rebuild the payloads). Never for real
+    data. Keys already fixed are kept."""
+    if c.consortium_seed < 0:
+        c.consortium_seed = 2026
+    if c.site.secret_seed < 0:
+        c.site.secret_seed = 1000
     return c
 
 

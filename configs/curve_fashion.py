@@ -45,7 +45,7 @@ VARIANTS = base.variant_names(OWN)
 
 
 def get_config(arg: str | None = None):
-    c = quickstart.get_config()
+    c = base.demo_keys(quickstart.get_config())  # a study on public data: reproducible keys
     c.workdir = "runs/curve_fashion"
     c.model.update(base.HEAD_BEFORE_2026_12_03)  # results/curve.* were measured with it
     c.data.update(subset=5000, num_sites=4, alpha=0.5)

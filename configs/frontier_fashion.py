@@ -48,7 +48,7 @@ VARIANTS = base.variant_names(OWN)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = quickstart.get_config()
+    c = base.demo_keys(quickstart.get_config())  # a study on public data: reproducible keys
     c.workdir = "runs/frontier_fashion"
     # The reference every setting's overrides start from, whatever the quickstart's default.
     c.model.update(base.HEAD_BEFORE_2026_12_03)

@@ -33,7 +33,7 @@ VARIANTS = base.variant_names(OWN)
 
 
 def get_config(arg: str | None = None):
-    c = quickstart.get_config()
+    c = base.demo_keys(quickstart.get_config())  # a study on public data: reproducible keys
     c.workdir = "runs/per_site_heads"
     # images_per_site: each site's first images attacked (every sample of each); num_public:
     # test images the server fits its patch prior on; prior_ridge: that prior's ridge.

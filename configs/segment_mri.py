@@ -46,7 +46,7 @@ VARIANTS = base.variant_names(OWN)
 
 
 def get_config(arg: str | None = None):
-    c = quickstart.get_config()
+    c = base.demo_keys(quickstart.get_config())  # a study on public data: reproducible keys
     c.workdir = "runs/segment_mri"
     c.data.update(source="nifti", task="segmentation", path=f"{TEMPLATES}/ch2.nii.gz",
                   atlas=f"{TEMPLATES}/aal.nii.gz", atlas_labels=f"{TEMPLATES}/aal.nii.txt",

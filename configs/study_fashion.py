@@ -78,7 +78,7 @@ VARIANTS = base.variant_names(OWN)
 
 
 def get_config(arg: str | None = None):
-    c = quickstart.get_config()  # its data, sites, head, fixed keys and DINO settings
+    c = base.demo_keys(quickstart.get_config())  # its data, sites, head, DINO settings; demo keys
     c.workdir = "runs/study_fashion"
     # 937 steps, as many as the quickstart's, at half its batch: one epoch of the pooled
     # images. Warm-up and the frozen last layer keep the quickstart's tenth of the steps.

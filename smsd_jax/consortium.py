@@ -13,14 +13,13 @@ at the site, and the server learns one stem per site.
 
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smsd_jax import artifacts, data, files, models
+from smsd_jax import artifacts, data, files, keys, models
 from smsd_jax.errors import SMSDError
 from smsd_jax.layout import Layout
 
@@ -40,16 +39,17 @@ def init_head(config, path: str | Path, secret_seed: int | None = None,
     """Draws the head of `config` from `secret_seed` and writes it to `path`.
 
     Args:
-      secret_seed: the consortium key; None draws 63 random bits from the OS. Keep it, or the
-        head folder, from the server.
+      secret_seed: the consortium key; None draws 128 bits from the OS (`keys.draw`). Keep
+        the head folder from the server. A key given here is one its caller knows: the head's
+        metadata says `"keys": "public demo keys"`.
       site: a site's own head (per-site heads): the key is `secret_seed` folded with the site,
         so that one seed gives every site a different head.
 
     Returns:
       The head's fingerprint.
     """
-    seed = secrets.randbits(63) if secret_seed is None else int(secret_seed)
-    key = jax.random.key(seed)
+    seed = keys.draw() if secret_seed is None else int(secret_seed)
+    key = keys.prng_key(seed)
     if site is not None:
         key = jax.random.fold_in(key, site)
     head = models.head_from_config(config)
@@ -59,7 +59,8 @@ def init_head(config, path: str | Path, secret_seed: int | None = None,
     artifacts.save_artifact(path, params, dict(
         format=FORMAT, fingerprint=fingerprint, image_size=head.image_size,
         patch_size=head.patch_size, dim=head.dim, pos_std=head.pos_std,
-        constant_patches=head.constant_patches, channels=config.data.channels))
+        constant_patches=head.constant_patches, channels=config.data.channels,
+        keys=keys.label(public=secret_seed is not None)))
     return fingerprint
 
 
@@ -97,6 +98,7 @@ def set_up(config, layout: Layout) -> None:
     """The consortium's head (from `config.consortium_seed`, -1: the OS) and the sites' split
     of the data (`data.split_sites`); each is kept if it exists already. With per-site heads
     there is no consortium head: each site draws its own (`site_head`)."""
+    keys.warn_if_demo(config, "init")
     if config.model.per_site_heads:
         print("init: per-site heads: each site draws its own head at --mode=site")
     elif layout.head.exists():
@@ -119,14 +121,18 @@ def set_up(config, layout: Layout) -> None:
 
 
 def site_secret(layout: Layout, site: int) -> int:
-    """Site `site`'s permutation key: drawn once from the OS, kept at the site (mode 600),
-    reused when the site runs again."""
+    """Site `site`'s permutation key: 128 bits drawn once from the OS, kept at the site (mode
+    600), reused when the site runs again."""
     path = layout.secret(site)
     if not path.exists():
-        files.write_json(path, {"secret_seed": secrets.randbits(63)})
+        files.write_json(path, {"key": keys.to_text(keys.draw())})
         if files.is_local(path):  # an object store's access is its bucket's, not a mode
             path.chmod(0o600)
-    return int(files.read_json(path)["secret_seed"])
+    stored = files.read_json(path)
+    if "key" not in stored:
+        raise SMSDError(f"{path} holds no 128-bit key (an older smsd_jax wrote it); move it "
+                        "and that site's payload away, and run the site again")
+    return keys.from_text(stored["key"])
 
 
 def site_head(config, layout: Layout, site: int, draw: bool = True) -> Path:

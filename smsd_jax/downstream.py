@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from smsd_jax import (consortium, data, evaluation, export, files, models, ops, segmentation,
+from smsd_jax import (consortium, data, evaluation, export, files, keys, models, ops, segmentation,
                       tasks)
 from smsd_jax.errors import NotFiniteError, SMSDError
 from smsd_jax.layout import Layout
@@ -803,7 +803,7 @@ def downstream_stage(config, layout: Layout, head_dir: str | Path | None = None,
     rows of every task, each with its "task" name when there are tasks) and
     `results/results.md` (a table per task); returns the rows. With per-site heads the site
     is `config.downstream.site` (-1: site 0), with its own head and stem (`at_site`)."""
-    body, params, _ = export.load_body(body_dir or layout.body)
+    body, params, body_meta = export.load_body(body_dir or layout.body)
     own_head, body, params = at_site(config, layout, body, params,
                                      max(config.downstream.site, 0))
     head_dir = head_dir or own_head
@@ -814,6 +814,9 @@ def downstream_stage(config, layout: Layout, head_dir: str | Path | None = None,
         results += [{**row, "task": name} for row in rows] if name else rows
         sections.append(f"## {tasks.title(name, task)}\n\n{table}" if name else table)
     text = "\n\n".join(sections)
+    if body_meta.get("keys") == keys.DEMO:
+        text += (f"\n\nThe body was trained on payloads made with {keys.DEMO}: anyone can "
+                 "rebuild them. Reproducible; not for real data.")
     files.write_json(layout.downstream_json, results)
     files.write_text(layout.results / "results.md", text + "\n")
     print(text)

@@ -34,7 +34,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 from etils import epath
 
-from smsd_jax import files
+from smsd_jax import files, keys
 from smsd_jax.errors import SMSDError
 
 FORMAT = "smsd-payload/2"
@@ -55,15 +55,18 @@ def shard_name(index: int) -> str:
 
 def new_manifest(site_id: int, num_images: int, num_samples: int, tokens: int, dim: int,
                  dtype: str, head_fingerprint: str, keep: float, num_patches: int,
-                 noise: dict | None = None, per_site_head: bool = False) -> dict:
+                 noise: dict | None = None, per_site_head: bool = False,
+                 key_label: str = keys.SECRET) -> dict:
     """A payload's manifest before its first shard. `noise`: the site's token noise settings
     (`site.noise_settings`); None (no noise) leaves the field out. `per_site_head`: the site
-    encoded with its own head (`"heads": "per_site"`; left out for the shared head)."""
+    encoded with its own head (`"heads": "per_site"`; left out for the shared head).
+    `key_label`: `keys.DEMO` when the head or the site's key is public (`keys.label`)."""
     extra = ({} if noise is None else {"noise": noise}) | (
         {"heads": PER_SITE} if per_site_head else {})
     return dict(format=FORMAT, site_id=site_id, num_images=num_images, num_samples=num_samples,
                 tokens=tokens, dim=dim, dtype=dtype, head_fingerprint=head_fingerprint,
-                keep=keep, num_patches=num_patches, **extra, shards=[], complete=False)
+                keep=keep, num_patches=num_patches, keys=key_label, **extra, shards=[],
+                complete=False)
 
 
 def file_checksum(path: str | os.PathLike) -> str:

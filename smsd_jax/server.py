@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from smsd_jax import checkpoints, distill, distributed, export, metrics_log, models, payload
-from smsd_jax import sharding
+from smsd_jax import keys, sharding
 from smsd_jax.errors import SMSDError
 from smsd_jax.layout import Layout
 
@@ -50,6 +50,8 @@ def run_server(config, payload_dirs: list[str | Path] | None, workdir: Layout | 
     first = next(iter(manifests.values()))
     num_images = len(rows)
     per_site = check_heads(config, first)
+    demo_keys = keys.warn_if_demo_payloads(manifests.values(), "the server") if primary else \
+        any(m.get("keys") == keys.DEMO for m in manifests.values())
     if primary:
         size = num_images * np.prod(rows.shape) * rows.dtype.itemsize
         print(f"server: {num_images} images from {len(manifests)} sites, tokens "
@@ -154,12 +156,13 @@ def run_server(config, payload_dirs: list[str | Path] | None, workdir: Layout | 
         heads = dict(site_ids=sorted(m["site_id"] for m in manifests.values())) if per_site \
             else dict(head_fingerprint=first["head_fingerprint"])
         export.save_body(body_dir, net.body, body, step=int(state.step), sites=len(manifests),
-                         images=num_images, **heads)
+                         images=num_images, keys=keys.label(demo_keys), **heads)
     distributed.barrier("server export")  # every process returns once the export is written
     manager.close()
     reader = dict(rows_read=rows.rows_read, most_rows_held=most_held,
                   bound=(cfg.prefetch + 1) * local_rows)
-    return dict(last, body=str(body_dir), steps=total_steps, images=num_images, reader=reader)
+    return dict(last, body=str(body_dir), steps=total_steps, images=num_images, reader=reader,
+                keys=keys.label(demo_keys))
 
 
 def check_heads(config, manifest: dict) -> bool:

@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from smsd_jax import (accounting, consortium, data, downstream, evaluation, files, report,
-                      server, site, tasks)
+from smsd_jax import (accounting, consortium, data, downstream, evaluation, files, keys,
+                      report, server, site, tasks)
 from smsd_jax.layout import Layout
 
 
@@ -73,4 +73,6 @@ def summary_lines(summary: dict) -> str:
         f"{np.mean(summary['payload_bytes_per_site']) / 2**20:.1f} MB on average",
         f"teacher entropy at the end: {final['teacher_entropy']:.2f} "
         f"(ln(out_dim) = {final['max_entropy']:.2f} is uniform collapse, 0 one-hot collapse)",
-        *(gains_line(rows, task) for task, rows in tasks.by_task(summary["results"]).items())])
+        *(gains_line(rows, task) for task, rows in tasks.by_task(summary["results"]).items()),
+        *([f"keys: {keys.DEMO}: reproducible, and readable by anyone; not for real data"]
+          if final.get("keys") == keys.DEMO else [])])

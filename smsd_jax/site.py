@@ -10,7 +10,6 @@ shard.
 from __future__ import annotations
 
 import functools
-import secrets
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from smsd_jax import consortium, data, files, ops, payload
+from smsd_jax import consortium, data, files, keys, ops, payload
 from smsd_jax.errors import SMSDError
 from smsd_jax.layout import Layout
 from smsd_jax.privacy import accountant
@@ -69,8 +68,8 @@ _encode_jit = jax.jit(encode_batch, static_argnums=0, static_argnames=(
 
 def image_keys(secret_seed: int, start: int, count: int) -> jax.Array:
     """Keys of images `start .. start+count-1` of a site: fresh per image, reproducible from
-    the site's secret seed alone."""
-    base = jax.random.key(secret_seed)
+    the site's secret key alone (`keys.prng_key`: all its 128 bits)."""
+    base = keys.prng_key(secret_seed)
     return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(start, start + count))
 
 
@@ -117,13 +116,15 @@ def noise_settings(cfg, tokens: int) -> dict | None:
 
 
 def run_site(config, site_id: int, source, indices: np.ndarray, head_dir: str | Path,
-             out_dir: str | Path, secret_seed: int | None = None, expected_fingerprint=None
-             ) -> dict:
+             out_dir: str | Path, secret_seed: int | None = None, expected_fingerprint=None,
+             public_key: bool | None = None) -> dict:
     """Encodes `source[indices]` into the payload folder `out_dir`, shard by shard.
 
     Re-running continues after the last complete shard with identical results, if the
-    settings are the same. `secret_seed` keys the masks and permutations (None: 63 random
-    bits from the OS; give one only to reproduce a payload, and keep it from the server).
+    settings are the same. `secret_seed` keys the masks and permutations (None: 128 bits from
+    the OS; give one only to reproduce a payload, and keep it from the server).
+    `public_key`: whether that key is public (default: whenever one is given); the manifest
+    says `"keys": "public demo keys"` when it is, or when the head was drawn from one.
 
     Returns:
       The payload's manifest.
@@ -133,13 +134,15 @@ def run_site(config, site_id: int, source, indices: np.ndarray, head_dir: str | 
     check_noise(cfg)
     head, params, head_meta = consortium.load_head(head_dir, expected_fingerprint)
     data.checks.head_fits(consortium.image_shape(head, head_meta), head_dir, source)
-    seed = secrets.randbits(63) if secret_seed is None else int(secret_seed)
+    seed = keys.draw() if secret_seed is None else int(secret_seed)
+    public = (secret_seed is not None if public_key is None else public_key) \
+        or head_meta.get("keys") != keys.SECRET
     k = ops.num_kept(head.num_patches, cfg.keep)
     manifest = payload.new_manifest(
         site_id=site_id, num_images=len(indices), num_samples=cfg.num_samples, tokens=k,
         dim=head.dim, dtype=cfg.payload_dtype, head_fingerprint=head_meta["fingerprint"],
         keep=cfg.keep, num_patches=head.num_patches, noise=noise_settings(cfg, k),
-        per_site_head=config.model.per_site_heads)
+        per_site_head=config.model.per_site_heads, key_label=keys.label(public))
     manifest = _resume(files.as_path(out_dir), manifest)
     done = sum(s["num_images"] for s in manifest["shards"])
 
@@ -155,8 +158,8 @@ def run_site(config, site_id: int, source, indices: np.ndarray, head_dir: str | 
         for b in range(done // cfg.batch_size, len(dataset)):
             images = dataset[b]["images"]
             first = b * cfg.batch_size
-            keys = image_keys(seed, first, len(images))
-            shard.append(np.asarray(encode(params, images, keys)).astype(cfg.payload_dtype))
+            batch_keys = image_keys(seed, first, len(images))
+            shard.append(np.asarray(encode(params, images, batch_keys)).astype(cfg.payload_dtype))
             bar.update(len(images))
             if sum(map(len, shard)) == cfg.shard_size or first + len(images) == len(indices):
                 manifest = payload.write_shard(out_dir, manifest, np.concatenate(shard))
@@ -174,12 +177,14 @@ def site_stage(config, layout: Layout, site_id: int, head_dir: str | Path | None
     parts, _ = data.load_partition(layout.partition)
     if not 0 <= site_id < len(parts):
         raise SMSDError(f"--site={site_id} but {layout.partition} has {len(parts)} sites")
+    keys.warn_if_demo(config, f"site {site_id}")
     seed = secret_seed(config, layout, site_id)
     source = data.load_source(config.data, "train")
     head_dir = head_dir or consortium.site_head(config, layout, site_id)
     manifest = run_site(config, site_id, source, parts[site_id], head_dir,
                         layout.payload(site_id), secret_seed=seed,
-                        expected_fingerprint=head_fingerprint)
+                        expected_fingerprint=head_fingerprint,
+                        public_key=config.site.secret_seed >= 0)
     print(f"site {site_id}: {manifest['num_images']} images -> {layout.payload(site_id)}")
     if "dp_epsilon" in manifest.get("noise", {}):
         n = manifest["noise"]
@@ -191,8 +196,9 @@ def site_stage(config, layout: Layout, site_id: int, head_dir: str | Path | None
 
 
 def secret_seed(config, layout: Layout, site_id: int) -> int:
-    """Site `site_id`'s permutation key: `config.site.secret_seed + site_id` (a reproducible
-    simulation), or with -1 the site's own (`consortium.site_secret`)."""
+    """Site `site_id`'s permutation key: with -1 the site's own, 128 bits from the OS
+    (`consortium.site_secret`), or `config.site.secret_seed + site_id`, a public demo key (a
+    reproducible simulation)."""
     if config.site.secret_seed >= 0:
         return config.site.secret_seed + site_id
     return consortium.site_secret(layout, site_id)

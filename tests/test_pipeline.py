@@ -45,7 +45,7 @@ def test_payload_holds_only_encrypted_tokens(tmp_path):
     out, head_dir, source = _encode(tmp_path, config, "payload")
     manifest = payload.read_manifest(out)
     allowed = {"format", "site_id", "num_images", "num_samples", "tokens", "dim", "dtype",
-               "head_fingerprint", "keep", "num_patches", "shards", "complete"}
+               "head_fingerprint", "keep", "num_patches", "keys", "shards", "complete"}
     assert set(manifest) == allowed
     assert manifest["complete"] and manifest["num_images"] == N_IMAGES
     # Every file is the manifest or a shard; a shard's records are one image's tokens each,
