@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Issue #7's GPU check, in ONE device call of under 8 minutes. First, here (pip reaches PyPI):
+# The GPU check: one command of under 8 minutes on a GPU host (benchmarks/NOTES.md). First,
+# on any machine where pip reaches PyPI, then copy .whl/ into the checkout on the GPU host:
 #     bash benchmarks/fetch_gpu_wheels.sh
-# then through the device tool:
-#     run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
+# then, on the GPU host, in the checkout:
+#     bash benchmarks/gpu_check.sh
 #
-# 1. installs the carried wheels (grain, ml-collections, ...) as the device README says, and
-#    links the carried Fashion-MNIST where the tests look for it;
+# 1. installs the wheels in .whl/ (grain, ml-collections, ...: benchmarks/gpu_env.sh), and
+#    links the copied Fashion-MNIST where the tests look for it;
 # 2. env.txt: nvidia-smi, versions, what JAX sees;
 # 3. tests.log: the project's model and distillation tests on the GPU (not the 8-device test);
 # 4. server_step_S.{json,log}, server_step_B.{json,log}: benchmarks/server_step.py for ViT-S/16
@@ -13,7 +14,8 @@
 #    PARTS (what matters most first: docs/performance.md's full-token comparison, then the masked views,
 #    then cuDNN attention), each size within its share of the time left;
 # 5. summary.txt: one line per timed part, and the tests' result.
-# Everything goes to $OUT, flat, 7 files. GPU_CHECK_SECONDS (default 460) is the whole budget.
+# Everything goes to $OUT (default /tmp/gpu_check), flat, 7 files. GPU_CHECK_SECONDS (default
+# 460) is the whole budget.
 set -uo pipefail  # not -e: one failing stage must not stop the others
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_check}"

@@ -25,7 +25,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from smsd_jax import accounting, artifacts, consortium, data, files, payload, site
+from smsd_jax import cost, artifacts, consortium, data, files, payload, site
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Config file.")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/payload_read.json", "Where to write JSON.")
@@ -93,11 +93,11 @@ def main(argv):
             row_bytes=int(tokens[0].nbytes), row_shape=list(tokens.shape[1:]),
             dtype=str(tokens.dtype),
             array_record=dict(
-                bytes_per_image=accounting.folder_bytes(f"{tmp}/ar") / n,
+                bytes_per_image=cost.folder_bytes(f"{tmp}/ar") / n,
                 rows_per_s_in_order=_median_rate(ar_all, n, repeats),
                 rows_per_s_random_batches=_median_rate(ar_random, random_rows, repeats)),
             orbax=dict(
-                bytes_per_image=accounting.folder_bytes(f"{tmp}/orbax") / n,
+                bytes_per_image=cost.folder_bytes(f"{tmp}/orbax") / n,
                 rows_per_s_in_order=_median_rate(orbax_all, n, repeats),
                 rows_per_s_random_batches=_median_rate(orbax_random, random_rows, repeats)))
     files.write_json(_OUT.value, result)

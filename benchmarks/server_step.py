@@ -25,7 +25,7 @@ configs/base.py: site keep 0.5, global_keep 0.75, local_keep 0.25, num_local loc
 Reported per entry: images/s (the median of `--windows` timed windows of `--steps` steps after
 `--warmup` steps, each window ended by a device synchronisation), model FLOPs from the real
 token counts (`FLOPS_FORMULA`), MFU against the card's bf16 matmul rate measured here in JAX,
-peak memory, and for the JAX step XLA's own FLOP count (`accounting.compiled_flops`) and
+peak memory, and for the JAX step XLA's own FLOP count (`cost.compiled_flops`) and
 compile time. Ratios project/peer come from the same process. The JSON at `--out` is
 rewritten after every part, so a run stopped by a time limit keeps what it finished. Without
 a GPU, every default shrinks to a CPU smoke run (small4, float32, out_dim 1024), marked so.
@@ -64,7 +64,7 @@ import optax
 from absl import app, flags
 
 from configs import base
-from smsd_jax import accounting, distill, files, models, ops, sharding
+from smsd_jax import cost, distill, files, models, ops, sharding
 
 START = time.perf_counter()  # --time_budget_s counts from here
 
@@ -281,7 +281,7 @@ def time_jax(config, batch: int, timing: dict, matmul_tflops: float) -> dict:
     compiled = step.lower(state, samples, key).compile()
     compile_s = time.perf_counter() - start
     # Same arguments: answered from the compilation just made, not compiled again.
-    xla_flops = accounting.compiled_flops(step, state, samples, key)
+    xla_flops = cost.compiled_flops(step, state, samples, key)
     memory = compiled.memory_analysis()
     holder = [state, None]
 

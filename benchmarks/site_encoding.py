@@ -77,7 +77,7 @@ def write_crops(folder: Path, count: int, seed: int = 0) -> dict[str, Path]:
 def _encode(folder: str) -> None:
     """The child process: head + site encoding of `folder`; one JSON line on stdout."""
     from configs import cxr_vit_s16
-    from smsd_jax import accounting, consortium, data, site
+    from smsd_jax import cost, consortium, data, site
     config = cxr_vit_s16.get_config()
     config.data.update(path=folder, labels_csv=f"{folder}/labels.csv", num_sites=1)
     source = data.load_source(config.data, "train")
@@ -87,7 +87,7 @@ def _encode(folder: str) -> None:
         manifest = site.run_site(config, 0, source, np.arange(len(source)), f"{tmp}/head",
                                  f"{tmp}/payload", secret_seed=1)
         seconds = time.perf_counter() - start
-        payload_bytes = accounting.folder_bytes(f"{tmp}/payload")
+        payload_bytes = cost.folder_bytes(f"{tmp}/payload")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print("RESULT " + json.dumps(dict(
         images=len(source), seconds=seconds, images_per_s=len(source) / seconds,

@@ -22,10 +22,10 @@ from smsd_jax.errors import SMSDError
 Variant = Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict]
 
 
-# The head every config used before 2026-12-03: tokens at the body's width (D 128 at small4)
-# and blank patches placed. The configs whose results were measured with it pin it, so that
-# their tables reproduce: `c.model.update(base.HEAD_BEFORE_2026_12_03)`.
-HEAD_BEFORE_2026_12_03 = dict(head_dim=0, constant_patches="placed")
+# The wide head: tokens at the body's width (D 128 at small4) and blank patches placed, the
+# default before the narrow privacy default. The configs whose results were measured with it
+# pin it, so that their tables reproduce: `c.model.update(base.WIDE_PLACED_HEAD)`.
+WIDE_PLACED_HEAD = dict(head_dim=0, constant_patches="placed")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -86,8 +86,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # per_site_heads: each site draws its own secret head, kept at the site, and the body
     # learns one stem per site (needs head_dim > 0); a leaked head then opens one site's
     # payload, not every site's (docs/threat_model.md, results/per_site_heads.md).
+    # init: the body's weight matrices at init, "dino" (trunc_normal 0.02) or "lecun" (Flax's
+    # lecun_normal; models.INITS).
     c.model = dict(size="small4", patch_size=4, pos_std=0.5, dtype="float32", attention="",
-                   head_dim=16, constant_patches="unplaced", per_site_heads=False)
+                   head_dim=16, constant_patches="unplaced", per_site_heads=False, init="dino")
 
     # Stage 1: each site encodes its images once.
     c.site = dict(
@@ -153,6 +155,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         knn_k=20,            # at most a tenth of the labelled set (downstream.knn_neighbours)
         knn_temp=0.07,
         linear_steps=500, linear_lr=1e-2,
+        # What the linear probe reads (models.LINEAR_FEATURES): "dino" is DINO's rule by
+        # body size (the last 4 blocks' class tokens below ViT-B's width, the class token
+        # and mean patch token from it); "cls" the final class token, which k-NN reads.
+        linear_features="dino",
         # Fine-tuning, every body alike: the epoch of the best validation accuracy is tested.
         # 60 epochs: from a random init at 1% of Fashion-MNIST (540 train + 60 validation
         # images, batch 64), validation flattens by epoch 40-50 and 100 epochs do no better.
@@ -165,10 +171,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         finetune_max_steps=0,  # > 0: at most this many fine-tuning steps (a budget cap)
         eval_batch_size=1000,
         # Segmentation (data.task): a linear tail per patch on frozen token features, trained
-        # with Dice + cross-entropy on every labelled training image (smsd_jax/segmentation.py).
+        # with Dice + cross-entropy on every labelled training image
+        # (smsd_jax/downstream/segmentation.py).
         segment_steps=500, segment_lr=1e-2,
-        # --mode=sites: each site holds out this share of each class of its own images as its
-        # own test set, and labels from the rest (smsd_jax/per_site.py).
+        # --mode=downstream_per_site: each site holds out this share of each class of its own
+        # images as its own test set, and labels from the rest
+        # (smsd_jax/downstream/per_site.py).
         site_test_fraction=0.2,
         # Several tasks for one body: name -> {"data": {...}, "downstream": {...}}, overrides
         # of config.data and config.downstream for that task (smsd_jax/tasks.py; example:

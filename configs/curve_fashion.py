@@ -47,7 +47,7 @@ VARIANTS = base.variant_names(OWN)
 def get_config(arg: str | None = None):
     c = base.demo_keys(quickstart.get_config())  # a study on public data: reproducible keys
     c.workdir = "runs/curve_fashion"
-    c.model.update(base.HEAD_BEFORE_2026_12_03)  # results/curve.* were measured with it
+    c.model.update(base.WIDE_PLACED_HEAD)  # results/curve.* were measured with it
     c.data.update(subset=5000, num_sites=4, alpha=0.5)
     c.site.update(batch_size=500, shard_size=5000)
     c.server.update(checkpoint_every=1000, log_every=20)

@@ -51,7 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = base.demo_keys(quickstart.get_config())  # a study on public data: reproducible keys
     c.workdir = "runs/frontier_fashion"
     # The reference every setting's overrides start from, whatever the quickstart's default.
-    c.model.update(base.HEAD_BEFORE_2026_12_03)
+    c.model.update(base.WIDE_PLACED_HEAD)
     c.privacy = privacy_fashion.get_config().privacy
     c.frontier = dict(
         seed=0,

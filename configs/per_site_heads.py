@@ -1,14 +1,14 @@
 r"""Per-site heads against one shared head, on Fashion-MNIST: the accuracy a head of its own at
 every site costs, and what one leaked head then reveals.
 
-    python -m launch.main --config=configs/per_site_heads.py --mode=heads   # resumes
+    python -m launch.main --config=configs/per_site_heads.py --mode=per_site_heads   # resumes
 
 Two quickstart rounds (configs/quickstart.py: all 60,000 train images over 4 Dirichlet sites,
 2 server epochs = 936 steps of 128, seed 0): one with the consortium's shared head, one with
 `model.per_site_heads` (each site's head drawn from the consortium seed folded with the site;
 a stem per site at the server). Then the server is handed each site's head in turn and
 attacks every site's payload on disk (its first 500 images, both samples), directly and
-through its own trained stems (smsd_jax/privacy/site_heads.py). CPU budget: two quickstart
+through its own trained stems (experiments/per_site_heads.py). CPU budget: two quickstart
 rounds (about 12 min each on 2 free cores) and about 2 min of probes and attacks. Writes
 results/per_site_heads.{json,md,png} under the work directory.
 

@@ -63,7 +63,7 @@ VARIANTS = base.variant_names(OWN)
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = base.get_config()
     c.workdir = "runs/privacy_fashion"
-    c.model.update(base.HEAD_BEFORE_2026_12_03)  # results/privacy.* were measured with it
+    c.model.update(base.WIDE_PLACED_HEAD)  # results/privacy.* were measured with it
     # D, position std, keep and M come from config.model and config.site (the method's
     # defaults); the sweeps move one knob at a time around them.
     c.privacy = dict(

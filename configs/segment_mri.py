@@ -9,9 +9,9 @@ slices, padded to a square and resized to 56 x 56: the left hemisphere's (70 sli
 sites' images and the labelled training set, the right hemisphere's (73) the test set, 3
 slices at the midline unused. Head: patch 4 (196 tokens of width 16); 2 IID sites, M = 4
 samples per image; the quickstart's DINO settings at batch 32. Downstream: a linear tail per
-patch on the frozen token features, Dice + cross-entropy (smsd_jax/segmentation.py), beside the
-random body and the same tail on raw pixels; Dice and IoU per class in
-`results/downstream.json` and `results/results.md`.
+patch on the frozen token features, Dice + cross-entropy
+(smsd_jax/downstream/segmentation.py), beside the random body and the same tail on raw
+pixels; Dice and IoU per class in `results/downstream.json` and `results/results.md`.
 
 One brain is very little data for self-supervision: this config shows the segmentation path
 on real anatomy with expert labels, not what SMSD gains on a consortium's scans. For your own

@@ -1,5 +1,5 @@
 r"""The comparison study on Fashion-MNIST: SMSD against fine-tune only, FedAvg-DINO and
-centralized DINO (`smsd_jax/study/comparison.py` says what each run does).
+centralized DINO (`experiments/study.py` says what each run does).
 
     python -m launch.main --config=configs/study_fashion.py --mode=study   # resumes if stopped
 

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The `gpu` variant of the comparison study (configs/study_fashion.py:gpu) on the GPU
-# machine, resumable across device calls of under 8 minutes each:
-#   bash benchmarks/fetch_gpu_wheels.sh      # once, here: wheels + Fashion-MNIST in .whl/
-#   run(command="bash launch/gpu_study.sh", carry=[".whl", ".study"], timeout_s=540)
-#   mkdir -p .study && tar -xzf FILES_AT/study_records.tgz -C .study   # here, after each call
-# Each call trains the next runs for STUDY_SECONDS (default 450), keeps every finished run's
-# record (run.json: results and costs) and returns all of them in study_records.tgz, plus
-# study.log and, once the last run is done, study.json, study.md and the two figures.
-# A run cut off by the time limit starts again from scratch in the next call.
+# The `gpu` variant of the comparison study (configs/study_fashion.py:gpu) on a GPU host,
+# in pieces of STUDY_SECONDS (default 450) each:
+#   bash benchmarks/fetch_gpu_wheels.sh      # once, where pip reaches PyPI; copy .whl/ over
+#   bash launch/gpu_study.sh                 # on the GPU host; repeat until study.json appears
+# Each piece trains the next runs, keeps every finished run's record (run.json: results and
+# costs) under runs/study_fashion_gpu/study, and writes all of them to $OUT (default
+# /tmp/gpu_study) as study_records.tgz, plus study.log and, once the last run is done,
+# study.json, study.md and the two figures. On a fresh host, first unpack the last pieces'
+# records into the checkout:  mkdir -p .study && tar -xzf study_records.tgz -C .study
+# A run cut off by the time limit starts again from scratch in the next piece.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_study}"

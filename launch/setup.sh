@@ -19,6 +19,6 @@ if [ "${1:-}" = "test" ] && [ ! -f /usr/share/mricron/templates/ch2.nii.gz ]; th
 fi
 
 # The Python packages are listed once, in pyproject.toml.
-extras="[tfds]"
+extras="[all]"
 [ "${1:-}" = "test" ] && extras="[test]"
 python3 -m pip install -q --disable-pip-version-check -e ".${extras}"

@@ -25,30 +25,23 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+# The stages of the method, the installed command's modes. The experiments (studies of the
+# method: experiments/) add theirs when run from a checkout (`python -m launch.main`).
 MODES = {
     "simulate": "the whole single round for every site on this machine, then a results table "
                 "against a random body and raw pixels, and the report",
-    "init": "consortium set-up: the frozen head from a secret seed, the sites' split of the data",
+    "init": "consortium set-up: the frozen head from a secret key, the sites' split of the data",
     "site": "stage 1 at one site (--site): encode and encrypt its images into its payload, once",
     "server": "stage 2: masked sampling distillation over all payloads; exports the body",
     "downstream": "stage 3 at a site: linear probe, k-NN and fine-tuning of head + body + tail",
-    "sites": "stage 3 at every site on its own data: probes and fine-tuning on its own labels, "
-             "tested on the global test split and its own held-out images",
+    "downstream_per_site": "stage 3 at every site on its own data: probes and fine-tuning on "
+                           "its own labels, tested on the global test split and its own "
+                           "held-out images",
     "report": "PNGs of the server's training curves and the downstream accuracies",
-    "privacy": "attacks of an honest-but-curious server on payloads (config.privacy)",
-    "study": "SMSD against fine-tune only, FedAvg-DINO and centralized DINO (config.study)",
-    "curve": "the learning curve: probes of each method at increasing pre-training budgets "
-             "(config.curve)",
-    "frontier": "the privacy-utility frontier: accuracy and attacks for each privacy setting "
-                "(config.frontier)",
-    "heads": "per-site heads against one shared head: accuracy at the same budget, and what "
-             "one leaked head reveals of every site's payload (config.heads)",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py"
                                           "[:variant,...]).", lock_config=True)
-_MODE = flags.DEFINE_enum("mode", "simulate", list(MODES), "Which stage to run: " + "; ".join(
-    f"{name}: {what}" for name, what in MODES.items()) + ".")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where artifacts go (default: config.workdir).")
 _SITE = flags.DEFINE_integer("site", 0, "Site id for --mode=site.")
 _HEAD = flags.DEFINE_string("head", None, "Head folder (default: WORKDIR/consortium/head).")
@@ -69,11 +62,23 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --distributed: this
                                    "rank, 0 to num_processes - 1 (default: detected).")
 
 
-def run(argv) -> None:
-    """Checks the flags and the config, then runs the mode's stage."""
+def _define_mode(experiments: dict) -> None:
+    """`--mode`: a stage of `MODES`, or an experiment of `experiments` (name -> (what it runs,
+    `fn(config, layout)`))."""
+    described = {**MODES, **{name: what for name, (what, _) in experiments.items()}}
+    elsewhere = "" if experiments else (
+        " The experiments (privacy, study, curve, frontier, per_site_heads) run from a "
+        "checkout: python -m launch.main.")
+    flags.DEFINE_enum("mode", "simulate", list(described), "Which stage to run: " + "; ".join(
+        f"{name}: {what}" for name, what in described.items()) + "." + elsewhere)
+
+
+def run(argv, experiments: dict | None = None) -> None:
+    """Checks the flags and the config, then runs the mode's stage or experiment."""
     # Imported here so that `--help` answers without loading JAX.
-    from smsd_jax import (consortium, distributed, downstream, files, per_site, privacy, report,
-                          server, simulate, site, study, validate)
+    from smsd_jax import (consortium, distributed, downstream, files, report, server, simulate,
+                          site, validate)
+    from smsd_jax.downstream import per_site
     from smsd_jax.layout import Layout
 
     if len(argv) > 1:
@@ -81,7 +86,7 @@ def run(argv) -> None:
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/quickstart.py")
-    mode = _MODE.value
+    mode = flags.FLAGS.mode
     if _DISTRIBUTED.value:  # before anything touches jax devices (check_config does)
         if mode != "server":
             raise app.UsageError("--distributed is for --mode=server")
@@ -103,21 +108,13 @@ def run(argv) -> None:
     elif mode == "downstream":
         downstream.downstream_stage(config, layout, head,
                                     _BODY.value and files.as_path(_BODY.value))
-    elif mode == "sites":
+    elif mode == "downstream_per_site":
         per_site.evaluate_sites(config, layout)
     elif mode == "report":
         for path in report.draw_report(layout):
             print(f"report: {path}")
-    elif mode == "privacy":
-        privacy.run_privacy(config, layout)
-    elif mode == "study":
-        study.run_study(config, layout)
-    elif mode == "curve":
-        study.run_curve(config, layout)
-    elif mode == "frontier":
-        privacy.run_frontier(config, layout)
-    elif mode == "heads":
-        privacy.run_site_heads(config, layout)
+    else:
+        experiments[mode][1](config, layout)
 
 
 def _expected(error: BaseException | None):
@@ -150,12 +147,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
         return app.parse_flags_with_usage(argv)  # absl's own message and usage
 
 
-def _main(argv) -> None:
+def _main(argv, experiments: dict) -> None:
     from smsd_jax.errors import SMSDError
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO.
     try:
-        run(argv)
+        run(argv, experiments)
     except SMSDError as e:
         _fail(e)
 
@@ -172,10 +169,13 @@ def _config_root_on_path(argv: list[str]) -> None:
                 sys.path.insert(0, str(folder.parent))
 
 
-def main() -> None:
-    """The `smsd-jax` console script (and `python -m launch.main`)."""
+def main(experiments: dict | None = None) -> None:
+    """The `smsd-jax` console script; `python -m launch.main` adds the checkout's experiments
+    (name -> (what it runs, `fn(config, layout)`))."""
+    experiments = experiments or {}
+    _define_mode(experiments)
     _config_root_on_path(sys.argv)
     # `--help` lists the flags of the program that runs (sys.argv[0]): these.
     for name in flags.FLAGS.get_flags_for_module(__name__):
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], name)
-    app.run(_main, flags_parser=_parse_flags)
+    app.run(lambda argv: _main(argv, experiments), flags_parser=_parse_flags)

@@ -17,3 +17,24 @@ class MissingInputError(SMSDError, FileNotFoundError):
 
 class NotFiniteError(SMSDError, FloatingPointError):
     """Training produced a non-finite loss or metric (the message names the step)."""
+
+
+def require(module: str, extra: str):
+    """Imports `module`, a dependency of an optional part of smsd_jax, or says which extra of
+    the package installs it (`pip install 'smsd-jax[EXTRA]'`)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise SMSDError(f"this needs {module.split('.')[0]}, which is not installed: pip install "
+                        f"'smsd-jax[{extra}]' (or bash launch/setup.sh, which installs every "
+                        "extra)") from e
+
+
+def check_rank(name: str, x, ranks: int | set[int]) -> None:
+    """Raises a ValueError naming `name` unless the array `x` has one of `ranks` axes."""
+    allowed = {ranks} if isinstance(ranks, int) else set(ranks)
+    if len(x.shape) not in allowed:
+        raise ValueError(f"{name} must have {' or '.join(map(str, sorted(allowed)))} axes, "
+                         f"got shape {tuple(x.shape)}")

@@ -119,9 +119,9 @@ def timm_state_dict(head: models.ViTHead, head_params, body: models.ViTBody, bod
     p, dim = head.patch_size, body.dim
     if head.constant_patches != "placed":
         raise SMSDError(f"the head sends constant patches {head.constant_patches}, which a timm "
-                        "ViT cannot do (it adds the position embedding to every patch); pass "
-                        "head.clone(constant_patches='placed') to export one that places every "
-                        "patch (it differs from the trained model on blank patches only)")
+                        "ViT cannot do (it adds the position embedding to every patch); export "
+                        "the model a site fine-tuned, downstream.deployable(model), whose head "
+                        "places every patch")
     shape = np.shape(head_params["patch_embed"]["kernel"])
     if head.dim != body.input_dim or shape[1] != head.dim or shape[0] % (p * p):
         raise SMSDError(f"the head makes tokens of width {head.dim} from a patch kernel of "
@@ -183,3 +183,10 @@ def export_timm(path: str | Path, head: models.ViTHead, head_params, body: model
     sidecar = path.with_suffix(".json")
     files.write_json(sidecar, timm_kwargs(head, body, in_chans, classes))
     return sidecar
+
+
+def export_classifier(path: str | Path, model: models.ViTClassifier, params) -> Path:
+    """`export_timm` of a site's classifier (`downstream.deployable`'s, fine-tuned: head, body
+    and tail). The timm model takes images normalised as `(x - model.mean) / model.std`."""
+    return export_timm(path, model.head, params["head"], model.body, params["body"],
+                       tail_params=params["tail"])

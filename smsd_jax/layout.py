@@ -30,6 +30,11 @@ class Layout:
     def __init__(self, root: str | os.PathLike):
         object.__setattr__(self, "root", files.as_path(root))
 
+    @classmethod
+    def of(cls, workdir: "Layout | str | os.PathLike") -> "Layout":
+        """`workdir` itself if it is a Layout, else the Layout of that folder."""
+        return workdir if isinstance(workdir, Layout) else cls(workdir)
+
     # Consortium set-up.
     @property
     def head(self) -> Path:

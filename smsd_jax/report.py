@@ -14,12 +14,16 @@ import math
 import os
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from matplotlib.figure import Figure
 
 from smsd_jax import evaluation, files, tasks
 from smsd_jax.layout import Layout
-from smsd_jax.errors import MissingInputError, SMSDError
+from smsd_jax.errors import MissingInputError, SMSDError, require
+
+if TYPE_CHECKING:  # matplotlib is the extra "plots"
+    from matplotlib.figure import Figure
 
 CURVES_PNG, DOWNSTREAM_PNG = "training_curves.png", "downstream_accuracy.png"
 
@@ -109,9 +113,14 @@ def _curve(ax, steps, values, title: str, smooth: bool = False, **style) -> None
     ax.grid(alpha=0.3)
 
 
+def new_figure(**kwargs) -> Figure:
+    """A matplotlib Agg `Figure` (the extra `plots`), never touching pyplot's backend."""
+    return require("matplotlib.figure", "plots").Figure(layout="constrained", **kwargs)
+
+
 def training_curves_figure(metrics: dict[str, np.ndarray]) -> Figure:
     """Loss, teacher entropy against ln(out_dim), learning rate, and images/s, per step."""
-    fig = Figure(figsize=(10, 7), layout="constrained")
+    fig = new_figure(figsize=(10, 7))
     (loss, entropy), (lr, rate) = fig.subplots(2, 2)
     steps = metrics["step"]
     max_entropy = float(metrics["max_entropy"][-1])
@@ -138,7 +147,7 @@ def downstream_figure(results: list[dict], task: str = "") -> Figure:
     groups, names, table = accuracy_table(results)
     what = {"accuracy": "accuracy", "auc": "mean AUC", "dice": "Dice"}[
         evaluation.headline_metric(results)]
-    fig = Figure(figsize=(max(6.0, 0.8 * len(groups) * len(names)), 4.5), layout="constrained")
+    fig = new_figure(figsize=(max(6.0, 0.8 * len(groups) * len(names)), 4.5))
     ax = fig.subplots()
     width = 0.8 / len(names)
     x = np.arange(len(groups))
@@ -169,7 +178,7 @@ def draw_report(workdir: Layout | str | os.PathLike, out_dir: str | os.PathLike 
     Raises:
       FileNotFoundError: `workdir/server/metrics.jsonl` does not exist (named).
     """
-    layout = workdir if isinstance(workdir, Layout) else Layout(workdir)
+    layout = Layout.of(workdir)
     out_dir = Path(out_dir) if out_dir is not None else layout.results
     metrics = read_metrics(layout.metrics)
     results = read_downstream(layout.downstream_json)

@@ -36,7 +36,7 @@ def run_server(config, payload_dirs: list[str | Path] | None, workdir: Layout | 
     `(config.server.prefetch + 1)` local batches, whatever the number of images)."""
     cfg = config.server
     primary = distributed.is_primary()
-    layout = workdir if isinstance(workdir, Layout) else Layout(workdir)
+    layout = Layout.of(workdir)
     layout.server.mkdir(parents=True, exist_ok=True)
     if payload_dirs is None:
         payload_dirs = layout.payload_dirs()

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from smsd_jax import (accounting, consortium, data, downstream, evaluation, files, keys,
+from smsd_jax import (consortium, cost, data, downstream, evaluation, files, keys,
                       report, server, site, tasks)
 from smsd_jax.layout import Layout
 
@@ -36,7 +36,7 @@ def run_simulation(config, layout: Layout) -> dict:
     results = downstream.downstream_stage(config, layout, baselines=True)
     timings["downstream_s"] = time.perf_counter() - t
     summary = dict(timings=timings, server=final, results=results,
-                   payload_bytes_per_site=[accounting.folder_bytes(layout.payload(k))
+                   payload_bytes_per_site=[cost.folder_bytes(layout.payload(k))
                                            for k in sites],
                    images_per_site=[m["num_images"] for m in manifests])
     files.write_json(layout.results / "simulate.json", summary)

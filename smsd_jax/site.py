@@ -21,7 +21,7 @@ from tqdm import tqdm
 from smsd_jax import consortium, data, files, keys, ops, payload
 from smsd_jax.errors import SMSDError
 from smsd_jax.layout import Layout
-from smsd_jax.privacy import accountant
+from smsd_jax.privacy import dp_accountant
 
 # `fold_in(key, i)` is `split(key)[i]`: an image's key gives `encrypt` indices 0 and 1 (its mask
 # and permutation keys), so its noise key is index 2, a stream of its own. Noise-free payloads
@@ -104,9 +104,9 @@ def check_noise(cfg) -> None:
 def noise_settings(cfg, tokens: int) -> dict | None:
     """What the manifest records of `config.site`'s noise for `tokens` sent per sample: None
     without noise, the `token_noise`, or the DP settings with the per-image epsilon at
-    `dp_delta` (`accountant.image_epsilon`)."""
+    `dp_delta` (`dp_accountant.image_epsilon`)."""
     if cfg.dp_clip > 0:
-        epsilon = accountant.image_epsilon(cfg.dp_delta, cfg.dp_noise_multiplier, tokens,
+        epsilon = dp_accountant.image_epsilon(cfg.dp_delta, cfg.dp_noise_multiplier, tokens,
                                            cfg.num_samples)
         return dict(dp_clip=float(cfg.dp_clip), dp_noise_multiplier=float(cfg.dp_noise_multiplier),
                     dp_delta=float(cfg.dp_delta), dp_epsilon=epsilon)

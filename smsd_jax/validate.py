@@ -41,6 +41,10 @@ def check_config(config) -> None:
              m.per_site_heads, "needs model.head_dim > 0: each site's head gets its own stem")
     _require(m.constant_patches in models.CONSTANT_PATCHES, "model.constant_patches",
              m.constant_patches, f"use one of {models.CONSTANT_PATCHES}")
+    _require(m.init in models.INITS, "model.init", m.init, f"use one of {tuple(models.INITS)}")
+    _require(config.downstream.linear_features in models.LINEAR_FEATURES,
+             "downstream.linear_features", config.downstream.linear_features,
+             f"use one of {models.LINEAR_FEATURES}")
     num_patches = (d.image_size // m.patch_size) ** 2
     sent = ops.num_kept(num_patches, s.keep, name="config.site.keep", of="patches")
     _require(s.num_samples >= 1, "site.num_samples", s.num_samples, "must be at least 1")

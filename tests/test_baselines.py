@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from configs import base
-from smsd_jax import accounting, baselines, data, distill, models, validate
+from smsd_jax import cost, baselines, data, distill, models, validate
 from smsd_jax.baselines import image_dino, multicrop
 
 BATCH = 16  # the tiny config's server batch size
@@ -49,6 +49,7 @@ def _multicrop(key, images, **overrides):
     return _jitted_multicrop(key, images, **{**CROPS, **overrides})
 
 
+@pytest.mark.slow
 def test_multicrop_shapes_values_and_keys(images):
     views = _multicrop(jax.random.key(0), images)
     assert views.global_views.shape == (8, 2, 28, 28, 1)
@@ -65,11 +66,13 @@ def test_multicrop_shapes_values_and_keys(images):
     assert _multicrop(jax.random.key(0), images, num_local=0).local_views is None
 
 
+@pytest.mark.slow
 def test_crop_of_the_whole_area_is_the_image(images):
     crop = multicrop.random_resized_crop(jax.random.key(3), images[0], 28, scale=(1.0, 1.0))
     np.testing.assert_allclose(crop, images[0], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_image_views_are_normalised_crops(images):
     config = _config()
     b = config.baselines
@@ -172,6 +175,7 @@ def initial_body():
     return _initial_body(_config())
 
 
+@pytest.mark.slow
 def test_fedavg_with_one_site_is_centralized_dino(source, centralized):
     # Kept optimizer state and one schedule clock make R rounds of one site one DINO run of
     # R x E epochs; averaging one site multiplies by exactly 1.
@@ -202,16 +206,18 @@ def _check_trained(pre, source, initial_body, history_len):
     assert pre.wall_s > 0
 
 
+@pytest.mark.slow
 def test_centralized_run_and_its_cost(source, centralized, initial_body):
     pre = centralized
     _check_trained(pre, source, initial_body, history_len=2)
     assert pre.steps == 10 and pre.images_seen == 10 * BATCH
     assert pre.server_flops > 0 and pre.client_flops_per_site == [0.0, 0.0]
     assert pre.upload_bytes_per_site == [24 * 784, 56 * 784]  # raw uint8 images, once
-    model_bytes = accounting.tree_bytes({"head": pre.head_params, "body": pre.body_params})
+    model_bytes = cost.tree_bytes({"head": pre.head_params, "body": pre.body_params})
     assert pre.download_bytes_per_site == [model_bytes] * 2
 
 
+@pytest.mark.slow
 def test_fedavg_run_and_its_cost(source, fedavg):
     # With a stem: image DINO runs head (width 8) -> stem -> body (width 32) as one network;
     # the stem is in the body's parameters, trained and averaged with them (_check_trained).
@@ -223,7 +229,7 @@ def test_fedavg_run_and_its_cost(source, fedavg):
     assert len(pre.history[0]["site_loss"]) == 2
     net = models.image_dino_net_from_config(config)
     params = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
-    shared = 2 * accounting.tree_bytes(params) + 4 * config.server.out_dim  # + float32 centre
+    shared = 2 * cost.tree_bytes(params) + 4 * config.server.out_dim  # + float32 centre
     assert pre.upload_bytes_per_site == pre.download_bytes_per_site == [2 * shared] * 2
     flops_small, flops_large = pre.client_flops_per_site
     assert flops_small > 0 and flops_large == pytest.approx(flops_small * 5 / 3)

@@ -18,6 +18,7 @@ SCRIPTS = ["benchmarks/gpu_check.sh", "benchmarks/gpu_env.sh", "launch/gpu_study
            "launch/tpu_pod.sh", "launch/setup.sh"]
 
 
+@pytest.mark.slow
 def test_server_step_cli_writes_its_json_on_cpu(tmp_path):
     out = tmp_path / "server_step.json"
     # One CPU device (not the tests' 8): the benchmark's own default on a machine like this.
@@ -74,6 +75,7 @@ def test_shell_scripts_parse(script):
     subprocess.run(["bash", "-n", str(ROOT / script)], check=True)
 
 
+@pytest.mark.slow
 def test_payload_read_benchmark_reads_the_same_tokens_both_ways(tmp_path):
     out = tmp_path / "payload_read.json"
     subprocess.run([sys.executable, "-m", "benchmarks.payload_read", "--images=1024",
@@ -85,6 +87,7 @@ def test_payload_read_benchmark_reads_the_same_tokens_both_ways(tmp_path):
         assert doc[fmt]["rows_per_s_random_batches"] > 0 and doc[fmt]["bytes_per_image"] > 0
 
 
+@pytest.mark.slow
 def test_the_scale_document_is_what_its_script_writes(tmp_path):
     out = tmp_path / "scale.md"
     subprocess.run([sys.executable, "-m", "benchmarks.scale", str(out)], cwd=ROOT, check=True,
@@ -93,6 +96,7 @@ def test_the_scale_document_is_what_its_script_writes(tmp_path):
     assert undated(out.read_text()) == undated((ROOT / "docs" / "scale.md").read_text())
 
 
+@pytest.mark.slow
 def test_site_encoding_benchmark_encodes_real_crops_as_dicom_and_png(tmp_path):
     out = tmp_path / "site_encoding.json"
     subprocess.run([sys.executable, "-m", "benchmarks.site_encoding", "--images=8",

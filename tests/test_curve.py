@@ -2,8 +2,10 @@
 
 import json
 
+import pytest
+
 from configs import curve_fashion
-from smsd_jax.study import curve
+from experiments import curve
 
 
 def test_plan_runs_each_method_at_each_budget_cheapest_first():
@@ -44,6 +46,7 @@ def test_answers_name_the_first_budget_that_beats_each_reference():
     assert any("SMSD - centralized DINO" in line and "4: +1.0" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_tiny_curve_writes_its_results_and_resumes(tmp_path, capsys):
     config = curve_fashion.get_config("tiny")
     summary = curve.run_curve(config, tmp_path)

@@ -381,6 +381,7 @@ def test_labelled_dataset_batches_match_the_source(train):
 # ---------------------------------------------------------------- TFDS
 
 
+@pytest.mark.slow
 def test_importing_the_data_package_does_not_import_tfds():
     code = "import sys, smsd_jax.data; assert 'tensorflow_datasets' not in sys.modules"
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

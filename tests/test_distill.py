@@ -28,6 +28,7 @@ def _real_samples(config, n=32, m=2, seed=0):
     return sent
 
 
+@pytest.mark.slow
 def test_views_are_subsets_of_two_different_samples():
     # Distinct random samples make the origin of every view token identifiable.
     samples = jax.random.normal(jax.random.key(0), (6, 3, 20, 8))
@@ -46,6 +47,7 @@ def test_views_are_subsets_of_two_different_samples():
         assert origin[0] != origin[1]
 
 
+@pytest.mark.slow
 def test_single_sample_gives_two_masked_views_of_it():
     samples = jax.random.normal(jax.random.key(0), (4, 1, 20, 8))
     views = distill.make_views(jax.random.key(1), samples, global_keep=0.5, local_keep=0.25,
@@ -97,6 +99,7 @@ def _assert_moved_alike(initial, one, eight):
         np.testing.assert_allclose(moved8, moved1, rtol=0, atol=1e-3 * scale + 1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True])
 def test_eight_devices_equal_one(fsdp):
     assert jax.device_count() == 8
@@ -122,6 +125,7 @@ def test_eight_devices_equal_one(fsdp):
         assert moments and all(not m.sharding.is_fully_replicated for m in moments)
 
 
+@pytest.mark.slow
 def test_student_learns_to_match_a_fixed_teacher():
     # Teacher, centre and temperature held fixed: the objective is then stationary, and the
     # student's loss on fresh views of the same images must fall.
@@ -141,6 +145,7 @@ def test_student_learns_to_match_a_fixed_teacher():
     assert all(jax.tree.leaves(unchanged))
 
 
+@pytest.mark.slow
 def test_teacher_moves_by_exactly_the_ema():
     config = _config()
     state, step = _setup(config, steps=5)
@@ -154,6 +159,7 @@ def test_teacher_moves_by_exactly_the_ema():
     assert int(state.step) == 1
 
 
+@pytest.mark.slow
 def test_last_layer_frozen_while_asked():
     config = _config()
     config.server.freeze_last_layer_epochs = 0.5  # 2 of the 4 steps (steps_per_epoch=4)
@@ -207,6 +213,7 @@ def test_clip_by_tensor_norm_is_dinos_per_parameter_clipping():
     np.testing.assert_array_equal(np.asarray(out["small"]), grads["small"])  # below: untouched
 
 
+@pytest.mark.slow
 def test_weight_decay_mask_is_dinos_on_a_real_dino_net():
     # DINO's get_params_groups: not biases, not 1-D parameters; the class token is decayed.
     # last_layer_g is [out_dim] here but [out_dim, 1] in PyTorch's weight_norm: decayed.
@@ -288,6 +295,7 @@ def _last_layer_state(opt_state):
     return part.inner_states["last_layer"].inner_state  # a ScaleByAdamState
 
 
+@pytest.mark.slow
 def test_optimizer_is_dinos_adamw_with_the_last_layer_frozen():
     # 4 steps, the first 2 frozen; gradients above and below the clip threshold.
     config = _config()
@@ -360,6 +368,7 @@ def test_clip_grad_zero_disables_clipping():
     assert len(distill.make_optimizer(cfg, schedules).init({"w": jnp.ones(3)})) == 5
 
 
+@pytest.mark.slow
 def test_step_freezes_the_last_layers_adam_state_and_trains_the_rest():
     config = _config()
     config.server.freeze_last_layer_epochs = 0.5  # 2 of the 4 steps
@@ -398,6 +407,7 @@ class _RecordingNet:
         self.keys.append((call, np.asarray(key)))
 
 
+@pytest.mark.slow
 def test_student_runs_with_drop_path_teacher_without():
     config = _config()
     net = models.dino_net_from_config(config)
@@ -424,6 +434,7 @@ def test_student_runs_with_drop_path_teacher_without():
         assert not np.array_equal(*call_keys)
 
 
+@pytest.mark.slow
 def test_drop_path_changes_the_student_not_the_teacher():
     # Same state and key: the teacher's logits (hence the new centre and its entropy) do not
     # depend on the rate; the student's loss does.

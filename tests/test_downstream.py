@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from configs import base
-from smsd_jax import consortium, data, downstream, evaluation, models, per_site, validate
+from smsd_jax import consortium, data, downstream, evaluation, models, validate
+from smsd_jax.downstream import per_site
 from smsd_jax.data import fashion_mnist
 
 MEAN, STD = 0.286, 0.353
@@ -26,7 +27,8 @@ def test():
 @pytest.fixture(scope="module")
 def classifier():
     """A tiny untrained `ViTClassifier` and its parameters (initialised once: init is slow)."""
-    model = models.ViTClassifier(models.ViTHead(28, 4, 32), models.ViTBody(32, 2, 2), 10)
+    model = models.ViTClassifier(models.ViTHead(28, 4, 32), models.ViTBody(32, 2, 2), 10,
+                                 mean=MEAN, std=STD)
     return model, model.init(jax.random.key(0), np.zeros((1, 28, 28, 1)))["params"]
 
 
@@ -243,6 +245,7 @@ def test_knn_neighbours_is_at_most_a_tenth_of_the_labelled_set():
     assert downstream.knn_neighbours(1, 5000) == 1
 
 
+@pytest.mark.slow
 def test_protocol_caps_k_at_a_tenth_of_the_labelled_images(train, test):
     config = base.get_config("tiny")  # 256 candidates, 256 test images
     config.downstream.update(knn_k=50, label_fractions=(0.05, 0.5))
@@ -258,6 +261,7 @@ def test_protocol_caps_k_at_a_tenth_of_the_labelled_images(train, test):
     assert result["knn"]["0.5"]["accuracy"] == evaluation.accuracy(scores, test.labels[test_idx])
 
 
+@pytest.mark.slow
 def test_linear_probe_on_real_pixels_beats_chance_and_is_deterministic(pixels):
     x_train, y_train, x_test, y_test = pixels
     probe = lambda seed: downstream.linear_probe(x_train, y_train, x_test, num_classes=10,
@@ -276,73 +280,84 @@ def test_linear_probe_on_real_pixels_beats_chance_and_is_deterministic(pixels):
 def test_extract_features_keeps_order_and_pads_the_last_batch(classifier, test):
     model, params = classifier
     indices = np.array([9, 2, 31, 0, 17, 5, 44, 3, 12, 8, 21, 1, 30])  # 13 = 2 x 5 + 3
-    feats = downstream.extract_features(model, params, test, indices, batch_size=5, mean=MEAN,
-                                        std=STD)
+    feats = downstream.extract_features(model, params, test, indices, batch_size=5)
+    assert set(feats) == {"knn", "linear"}
+    np.testing.assert_array_equal(feats["linear"], feats["knn"])  # the fixture's: "cls"
+    feats = feats["knn"]
     assert feats.shape == (13, 32) and feats.dtype == np.float32
     one_by_one = jax.jit(lambda image: model.apply({"params": params}, image,
                                                    method=model.features))
     for row, i in enumerate(indices):
-        image = (test.images[i:i + 1].astype(np.float32) / 255.0 - MEAN) / STD
+        image = test.images[i:i + 1].astype(np.float32) / 255.0  # the model normalises
         np.testing.assert_allclose(feats[row], one_by_one(image)[0], atol=1e-5)
+    # The model's normalisation is the sites': the head sees (x - mean) / std.
+    image = test.images[:1].astype(np.float32) / 255.0
+    plain = models.ViTClassifier(model.head, model.body, 10)
+    np.testing.assert_allclose(
+        plain.apply({"params": params}, (image - MEAN) / STD, method=plain.features),
+        model.apply({"params": params}, image, method=model.features), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_finetune_improves_on_the_untrained_model(classifier, train, test):
     model, params = classifier
     test_idx = np.arange(500)
-    before = downstream.evaluate_model(model, params, test, test_idx, batch_size=100,
-                                       mean=MEAN, std=STD)
-    after = downstream.finetune(model, params, train, np.arange(512), test, test_idx, epochs=6,
-                                lr=3e-3, batch_size=32, seed=0, mean=MEAN, std=STD,
-                                eval_batch_size=100)
+    before = downstream.evaluate_model(model, params, test, test_idx, batch_size=100)
+    tuned, _ = downstream.fit(model, params, train, np.arange(512), epochs=6, lr=3e-3,
+                              batch_size=32, seed=0, eval_batch_size=100)
+    after = downstream.evaluate_model(model, tuned, test, test_idx, batch_size=100)
     assert after["accuracy"] > before["accuracy"] + 0.2
     assert after["auc"] > 0.8
 
 
+@pytest.mark.slow
 def test_finetune_on_fewer_images_than_a_batch(classifier, train, test):
     model, params = classifier
-    metrics = downstream.finetune(model, params, train, np.arange(20), test, np.arange(100),
-                                  epochs=1, lr=1e-3, batch_size=64, seed=0, mean=MEAN, std=STD,
-                                  augment=dict(flip=True, max_shift=2))
+    tuned, info = downstream.fit(model, params, train, np.arange(20), epochs=1, lr=1e-3,
+                                 batch_size=64, seed=0, augment=dict(flip=True, max_shift=2))
+    assert info["steps"] == 1 and info["steps_per_epoch"] == 1  # one batch of all 20
+    metrics = downstream.evaluate_model(model, tuned, test, np.arange(100), batch_size=64)
     assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["auc"] <= 1
 
 
+@pytest.mark.slow
 def test_fit_returns_the_parameters_of_its_best_validation_epoch(classifier, train):
     model, params = classifier
     train_idx, val_idx = np.arange(256), np.arange(256, 336)
     best, info = downstream.fit(model, params, train, train_idx, epochs=5, lr=3e-3,
-                                batch_size=64, seed=0, mean=MEAN, std=STD, val_idx=val_idx,
+                                batch_size=64, seed=0, val_idx=val_idx,
                                 eval_batch_size=50)
     assert info["epochs_run"] == 5 and len(info["val_accuracy"]) == 5
     assert info["steps"] == 20 and info["steps_per_epoch"] == 4
     assert (info["train_images"], info["val_images"]) == (256, 80)
     key = [(a, -l) for a, l in zip(info["val_accuracy"], info["val_loss"])]
     assert info["best_epoch"] == 1 + max(range(5), key=lambda e: (key[e], -e))
-    again = downstream.evaluate_model(model, best, train, val_idx, batch_size=80, mean=MEAN,
-                                      std=STD)
+    again = downstream.evaluate_model(model, best, train, val_idx, batch_size=80)
     assert again["accuracy"] == pytest.approx(max(info["val_accuracy"]), abs=1 / 80 + 1e-9)
 
 
-def test_finetune_reports_its_epoch_and_curve_and_obeys_the_step_cap(classifier, train, test):
+@pytest.mark.slow
+def test_finetune_reports_its_epoch_and_curve_and_obeys_the_step_cap(classifier, train):
     model, params = classifier
-    metrics = downstream.finetune(model, params, train, np.arange(64), test, np.arange(100),
-                                  epochs=10, lr=1e-3, batch_size=32, seed=0, mean=MEAN,
-                                  std=STD, val_idx=np.arange(64, 84), max_steps=3)
+    _, metrics = downstream.fit(model, params, train, np.arange(64), epochs=10, lr=1e-3,
+                                batch_size=32, seed=0, val_idx=np.arange(64, 84), max_steps=3)
     assert metrics["steps"] == 3 and metrics["epochs_run"] == 2  # 2 steps an epoch
     assert len(metrics["val_accuracy"]) == 2 and metrics["best_epoch"] in (1, 2)
     json.dumps(metrics)
 
 
+@pytest.mark.slow
 def test_a_small_labelled_set_trains_at_least_min_steps_with_patience_scaled(classifier, train):
     model, params = classifier
     # 40 images at batch 64: 1 step an epoch; 3 epochs with patience 1 would be 3 steps.
     _, info = downstream.fit(model, params, train, np.arange(40), epochs=3, lr=1e-3,
-                             batch_size=64, seed=0, mean=MEAN, std=STD, patience=1,
+                             batch_size=64, seed=0, patience=1,
                              val_idx=np.arange(40, 60), min_steps=12)
     assert info["steps_per_epoch"] == 1 and info["epochs_planned"] == 12
     assert info["patience"] == 4  # 1 epoch of 3 is a third of the run; a third of 12 is 4
     assert info["steps"] == info["epochs_run"] >= min(12, info["best_epoch"] + 4)
     _, large = downstream.fit(model, params, train, np.arange(256), epochs=3, lr=1e-3,
-                              batch_size=64, seed=0, mean=MEAN, std=STD, min_steps=12)
+                              batch_size=64, seed=0, min_steps=12)
     assert (large["epochs_planned"], large["steps"]) == (3, 12)  # already 12: unchanged
 
 
@@ -357,6 +372,7 @@ def tiny_head(tmp_path_factory):
     return config, head_dir
 
 
+@pytest.mark.slow
 def test_evaluate_body_with_a_random_body(tiny_head, train, test, capsys):
     config, head_dir = tiny_head
     body = models.body_from_config(config)

@@ -1,8 +1,9 @@
 """The timm export: timm's names and shapes, a timm-style forward equal to ours, atomic writes.
 
-torch and timm are not installed here, so the forward pass below is timm's `VisionTransformer`
-written out in NumPy from the exported arrays alone, in timm's conventions (NCHW images, a
-convolution over `[D, C, p, p]`, torch `Linear` weights `[out, in]`, a fused `[3D, D]` qkv).
+The forward pass below is timm's `VisionTransformer` written out in NumPy from the exported
+arrays alone, in timm's conventions (NCHW images, a convolution over `[D, C, p, p]`, torch
+`Linear` weights `[out, in]`, a fused `[3D, D]` qkv), so it runs everywhere; where torch and
+timm are installed, the export is also loaded into timm itself and compared.
 """
 
 import json
@@ -12,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from smsd_jax import export, models
+from configs import base
+from smsd_jax import downstream, export, models
 from smsd_jax.data import fashion_mnist
 
 IMAGE, PATCH, CLASSES = 28, 4, 10
@@ -118,6 +120,7 @@ def timm_forward(sd, kwargs, images_nchw):
 # ---------------------------------------------------------------- tests
 
 
+@pytest.mark.slow
 def test_names_and_shapes_follow_timm(model, tmp_path):
     net, params = model
     for with_head in (True, False):
@@ -136,6 +139,7 @@ def test_names_and_shapes_follow_timm(model, tmp_path):
         np.testing.assert_array_equal(npz["pos_embed"][0, 0], 0.0)  # class token: no position
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("token_dim", [0, 8])
 def test_timm_forward_on_the_export_equals_our_model(token_dim, tmp_path):
     # token_dim 8: head of width 8 -> stem -> body of width 32; the export is the plain ViT of
@@ -158,6 +162,7 @@ def test_timm_forward_on_the_export_equals_our_model(token_dim, tmp_path):
     assert np.abs(logits).max() > 0.1  # a real signal, not agreement on zeros
 
 
+@pytest.mark.slow
 def test_body_export_keeps_its_stem(tmp_path):
     net, params = _perturbed_classifier(token_dim=8)
     export.save_body(tmp_path / "body", net.body, params["body"], step=3)
@@ -214,7 +219,64 @@ def test_export_rejects_wrong_inputs(model, tmp_path):
     with pytest.raises(ValueError, match="takes tokens of width 8"):
         export.export_timm(tmp_path / "vit.npz", net.head, params["head"], stem, params["body"])
     unplaced = net.head.clone(constant_patches="unplaced")
-    with pytest.raises(ValueError, match=r"a timm ViT cannot do.*pass "
-                                         r"head.clone\(constant_patches='placed'\)"):
+    with pytest.raises(ValueError, match=r"a timm ViT cannot do.*deployable\(model\)"):
         export.export_timm(tmp_path / "vit.npz", unplaced, params["head"], net.body,
                            params["body"])
+
+
+# ---------------------------------------------------------------- the default site model
+
+
+@pytest.fixture(scope="module")
+def site_model():
+    """The default config's site model (head of width 16 with blank patches unplaced, a stem,
+    the small4 body), as stage 3 fine-tunes and keeps it (`downstream.deployable`), after a
+    few fine-tuning steps on real images; and real test images in [0, 1] with blank patches."""
+    config = base.get_config()
+    head = models.head_from_config(config)
+    assert head.constant_patches == "unplaced"
+    model = models.ViTClassifier(head, models.body_from_config(config), CLASSES,
+                                 mean=config.data.mean, std=config.data.std)
+    params = model.init(jax.random.key(0), np.zeros((1, IMAGE, IMAGE, 1), np.float32))["params"]
+    tuning = downstream.deployable(model)
+    tuned, info = downstream.fit(tuning, params, fashion_mnist("train"), np.arange(64), epochs=1,
+                                 lr=1e-3, batch_size=32, seed=0)
+    assert info["steps"] == 2
+    images = fashion_mnist("test").images[:8].astype(np.float32) / 255.0
+    blank = models.patchify(images, PATCH).max(-1) == models.patchify(images, PATCH).min(-1)
+    assert np.asarray(blank).any()  # the comparison covers blank patches
+    return tuning, tuned, images
+
+
+def _normalised_nchw(tuning, images):
+    return ((images - tuning.mean) / tuning.std).transpose(0, 3, 1, 2)
+
+
+@pytest.mark.slow
+def test_the_default_site_model_exports_with_the_same_predictions(site_model, tmp_path):
+    tuning, tuned, images = site_model
+    logits = np.asarray(tuning.apply({"params": tuned}, images))
+    path = tmp_path / "site.npz"
+    kwargs = json.loads(export.export_classifier(path, tuning, tuned).read_text())
+    with np.load(path) as npz:
+        sd = {name: npz[name].astype(np.float64) for name in npz.files}
+    _, timm_logits = timm_forward(sd, kwargs, _normalised_nchw(tuning, images))
+    scale = np.abs(logits).max()
+    np.testing.assert_allclose(timm_logits, logits, rtol=0, atol=1e-4 * scale)
+    assert (timm_logits.argmax(-1) == logits.argmax(-1)).all()
+
+
+def test_the_export_loads_in_real_timm_and_predicts_the_same(site_model, tmp_path):
+    torch = pytest.importorskip("torch", reason="torch is not installed: the NumPy timm "
+                                "forward above stands in for it")
+    vit = pytest.importorskip("timm.models.vision_transformer", reason="timm is not installed")
+    tuning, tuned, images = site_model
+    path = tmp_path / "site.npz"
+    kwargs = json.loads(export.export_classifier(path, tuning, tuned).read_text())
+    net = vit.VisionTransformer(**kwargs).eval()
+    with np.load(path) as npz:
+        net.load_state_dict({k: torch.from_numpy(npz[k]) for k in npz.files}, strict=True)
+    with torch.no_grad():
+        timm_logits = net(torch.from_numpy(_normalised_nchw(tuning, images).copy())).numpy()
+    logits = np.asarray(tuning.apply({"params": tuned}, images))
+    np.testing.assert_allclose(timm_logits, logits, rtol=0, atol=1e-4 * np.abs(logits).max())

@@ -54,6 +54,7 @@ def test_damaged_shard_is_named(tmp_path, damage):
         server.run_server(config, [good, bad], tmp_path / "server")
 
 
+@pytest.mark.slow
 def test_damaged_site_can_be_skipped(tmp_path):
     config = _config()
     good, bad = _damaged_payloads(tmp_path, config, "flip")
@@ -75,6 +76,7 @@ def test_payload_of_another_format_version_is_refused(tmp_path):
         server.run_server(_config(), [a], tmp_path / "server")
 
 
+@pytest.mark.slow
 def test_site_killed_mid_encoding_resumes_to_the_same_payload(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     overrides = ["--config.site.shard_size=64", "--config.site.batch_size=32",
@@ -110,6 +112,7 @@ def test_site_killed_mid_encoding_resumes_to_the_same_payload(tmp_path):
     np.testing.assert_array_equal(payload.read_tokens(out), payload.read_tokens(ref))
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
     config = _config()
     config.server.update(checkpoint_every=4, keep_checkpoints=3)
@@ -127,6 +130,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
     assert (ckpts / f"{latest}.damaged").exists()
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_names_step_and_checkpoint(tmp_path):
     config = _config()
     config.server.update(lr=1e30, min_lr=1e30, clip_grad=1e30, checkpoint_every=1)
@@ -136,6 +140,7 @@ def test_non_finite_loss_stops_and_names_step_and_checkpoint(tmp_path):
         server.run_server(config, [pay], tmp_path / "server")
 
 
+@pytest.mark.slow
 def test_collapse_is_warned_about(tmp_path):
     config = _config()
     # A teacher temperature this high makes the targets uniform: collapse from the start.
@@ -153,6 +158,7 @@ def test_collapse_is_warned_about(tmp_path):
     ("--config.data.source=imagenet", "config.data.source='imagenet'"),
     ("--config.model.head_dim=-1", "config.model.head_dim=-1: must be 0"),
 ])
+@pytest.mark.slow
 def test_bad_config_is_refused_before_any_work(tmp_path, override, message):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     result = subprocess.run(_cli("--mode=init", override, workdir=tmp_path / "w"), cwd=ROOT,
@@ -181,6 +187,7 @@ def test_empty_site_is_refused_before_encoding(tmp_path):
     assert not (tmp_path / "payload").exists()
 
 
+@pytest.mark.slow
 def test_site_refuses_a_head_that_is_not_the_consortiums(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     workdir = tmp_path / "w"

@@ -11,7 +11,7 @@ from PIL import Image
 
 from configs import frontier_fashion
 from smsd_jax import models
-from smsd_jax.privacy import frontier
+from experiments import frontier
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,6 +59,7 @@ def test_audit_point_follows_the_setting():
     assert (dp["dp_clip"], dp["noise_std"]) == (4.0, 28.0)
 
 
+@pytest.mark.slow
 def test_tiny_frontier_from_the_cli_writes_points_and_resumes(tmp_path):
     command = [sys.executable, "-m", "launch.main", "--config=configs/frontier_fashion.py:tiny",
                "--mode=frontier", f"--workdir={tmp_path}"]

@@ -51,7 +51,7 @@ def test_shipped_configs_fix_no_key_unless_they_are_studies():
     # A user who copies a config for real data must not inherit a public key. The studies on
     # public data fix theirs through base.demo_keys, which says so at every stage.
     studies = {"study_fashion", "curve_fashion", "frontier_fashion", "per_site_heads",
-               "segment_mri"}
+               "segment_mri", "recipe_fashion"}
     for path in sorted((ROOT / "configs").glob("*.py")):
         if path.stem in ("__init__", *studies) or path.stem.startswith("privacy"):
             continue
@@ -68,6 +68,7 @@ def test_site_key_is_drawn_once_kept_private_and_reused(tmp_path):
     assert len(layout.secret(0).read_text().split('"key": "')[1].split('"')[0]) == 32
 
 
+@pytest.mark.slow
 def test_demo_keys_are_written_into_the_metadata_and_said(tmp_path, capsys):
     config = quickstart.get_config("tiny,demo_keys")
     config.workdir = str(tmp_path)

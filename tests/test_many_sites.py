@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 
 from configs import base
-from smsd_jax import accounting, consortium, data, export, payload, server, sharding, site
+from smsd_jax import cost, consortium, data, export, payload, server, sharding, site
 from smsd_jax.layout import Layout
 
 SITES, IMAGES = 64, 1024
 
 
+@pytest.mark.slow
 def test_sixty_four_sites_are_checked_trained_on_and_counted(tmp_path):
     config = base.get_config("tiny")
     config.data.update(num_sites=SITES, partition="iid", subset=IMAGES)
@@ -46,7 +47,7 @@ def test_sixty_four_sites_are_checked_trained_on_and_counted(tmp_path):
     # Counted: each site's upload is its manifest and its shard files, and nothing else.
     for d, m in zip(dirs, manifests):
         shard_bytes = sum((d / s["name"]).stat().st_size for s in m["shards"])
-        assert accounting.folder_bytes(d) == shard_bytes + (d / payload.MANIFEST).stat().st_size
+        assert cost.folder_bytes(d) == shard_bytes + (d / payload.MANIFEST).stat().st_size
         assert shard_bytes >= m["num_images"] * 0.5 * np.prod(rows.shape) * 2  # float16 rows
 
     # One damaged site among the 64 is named.

@@ -36,6 +36,7 @@ def _max_permutation_error(body, params, tokens, key):
     return max(float(jnp.abs(cls - cls_p).max()), float(jnp.abs(out[:, perm] - out_p).max()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [1, 7, 24, 49])
 def test_body_is_permutation_equivariant(k):
     # Random inputs on purpose: the property must hold for any tokens.
@@ -45,6 +46,7 @@ def test_body_is_permutation_equivariant(k):
     assert _max_permutation_error(body, params, tokens, jax.random.key(1)) < 1e-5
 
 
+@pytest.mark.slow
 def test_positional_body_fails_the_same_check():
     tokens = jax.random.normal(jax.random.key(0), (3, 24, DIM))
     body = PositionalBody()
@@ -52,6 +54,7 @@ def test_positional_body_fails_the_same_check():
     assert _max_permutation_error(body, params, tokens, jax.random.key(1)) > 1e-2
 
 
+@pytest.mark.slow
 def test_body_accepts_any_number_of_tokens():
     body = _body()
     params = body.init(jax.random.key(0), jnp.zeros((1, 49, DIM)))
@@ -60,6 +63,7 @@ def test_body_accepts_any_number_of_tokens():
         assert cls.shape == (2, DIM) and out.shape == (2, k, DIM)
 
 
+@pytest.mark.slow
 def test_head_then_body_equals_plain_vit_on_real_images():
     images = fashion_mnist("test").images[:4].astype(np.float32) / 255.0
     head = models.ViTHead(image_size=28, patch_size=4, dim=DIM)
@@ -119,6 +123,7 @@ def _perturbed(params, key):
                                         for x, k in zip(leaves, keys)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [1, 7, 24])
 def test_body_with_a_stem_is_permutation_equivariant(k):
     tokens = jax.random.normal(jax.random.key(k), (3, k, TOKEN_DIM))
@@ -138,6 +143,7 @@ def test_body_with_a_stem_takes_only_its_token_width():
         body.init(jax.random.key(0), jnp.zeros((1, 5, DIM)))
 
 
+@pytest.mark.slow
 def test_stem_init_keeps_the_token_scale():
     # lecun_normal (variance 1 / token_dim), zero bias: the stem's output has the scale of
     # its input tokens, as the blocks see tokens without a stem.
@@ -164,6 +170,7 @@ def _site_stem_params(tokens, sites):
     return _perturbed(params, jax.random.key(5))
 
 
+@pytest.mark.slow
 def test_per_site_stems_keep_the_body_blind_to_order():
     tokens = jax.random.normal(jax.random.key(3), (4, 11, TOKEN_DIM))
     sites = jnp.array([0, 2, 1, 2])
@@ -177,6 +184,7 @@ def test_per_site_stems_keep_the_body_blind_to_order():
     np.testing.assert_allclose(out_p, out[:, perm], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_sites_body_is_the_per_site_body_on_its_tokens():
     # site_body cuts out one stem: the plain body a site fine-tunes gives, on its tokens, what
     # the server's body gives them through that site's stem; another site's stem differs.
@@ -227,6 +235,7 @@ def test_head_stem_body_equals_the_folded_plain_vit():
     assert float(jnp.abs(cls).max()) > 0.1  # a real signal, not agreement on zeros
 
 
+@pytest.mark.slow
 def test_head_dim_sets_the_token_width_and_the_stem():
     config = base.get_config("tiny")
     width = models.preset(config.model.size)["dim"]
@@ -253,6 +262,7 @@ def test_head_dim_sets_the_token_width_and_the_stem():
         assert params["stem"]["kernel"].shape == (head_dim, width)
 
 
+@pytest.mark.slow
 def test_attention_maps_come_from_the_same_model():
     tokens = jax.random.normal(jax.random.key(0), (2, 10, DIM))
     body = _body()
@@ -265,6 +275,7 @@ def test_attention_maps_come_from_the_same_model():
     np.testing.assert_allclose(attn.sum(-1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_parameters():
     body = models.ViTBody(DIM, DEPTH, HEADS, dtype=jnp.bfloat16)
     tokens = jax.random.normal(jax.random.key(0), (2, 10, DIM))
@@ -276,6 +287,7 @@ def test_bfloat16_compute_keeps_float32_parameters():
     np.testing.assert_allclose(cls.astype(np.float32), ref, atol=0.1)
 
 
+@pytest.mark.slow
 def test_dino_head_output_and_last_layer_norm():
     x = jax.random.normal(jax.random.key(0), (3, DIM))
     fixed = models.DINOHead(out_dim=50, hidden_dim=64, bottleneck_dim=16)
@@ -289,6 +301,7 @@ def test_dino_head_output_and_last_layer_norm():
     assert free.init(jax.random.key(0), x)["params"]["last_layer_g"].shape == (50,)
 
 
+@pytest.mark.slow
 def test_classifier_joins_head_body_tail():
     images = fashion_mnist("test").images[:2].astype(np.float32) / 255.0
     model = models.ViTClassifier(models.ViTHead(28, 4, DIM), _body(), num_classes=10)
@@ -355,6 +368,7 @@ def test_trunc_normal_matches_timm_truncation():
     assert v.min() >= -0.5 and v.max() <= 3.0
 
 
+@pytest.mark.slow
 def test_body_init_is_dinos():
     body = models.ViTBody(64, 2, 4)
     params = body.init(jax.random.key(0), jnp.zeros((1, 5, 64)))["params"]
@@ -375,6 +389,7 @@ def test_body_init_is_dinos():
     assert 0.01 < cls.std() < 0.03  # 64 values: std within ~ +-0.5 std of 0.02
 
 
+@pytest.mark.slow
 def test_dino_head_init_is_dinos():
     x = jnp.zeros((1, DIM))
     head = models.DINOHead(out_dim=4096, hidden_dim=256, bottleneck_dim=64, norm_last_layer=False)
@@ -400,6 +415,7 @@ def test_dino_head_init_is_dinos():
     np.testing.assert_array_equal(params["last_layer_g"], 1.0)
 
 
+@pytest.mark.slow
 def test_dino_head_last_layer_is_float32_under_bfloat16():
     x = jax.random.normal(jax.random.key(0), (6, DIM))
     kw = dict(out_dim=300, hidden_dim=64, bottleneck_dim=32, norm_last_layer=False)
@@ -456,6 +472,7 @@ def test_drop_path_is_unbiased_per_example():
     assert vit_lib.drop_path(batch, 0.0, jax.random.key(1)) is batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("branch", ["attn", "mlp"])
 def test_drop_path_block_mean_equals_deterministic_output(branch):
     # One residual branch at a time (the other's output layer zeroed): the block's mean output
@@ -477,6 +494,7 @@ def test_drop_path_block_mean_equals_deterministic_output(branch):
     assert 0 < float(jnp.mean(jnp.all(jnp.abs(out - x) < 1e-7, axis=(1, 2)))) < 1
 
 
+@pytest.mark.slow
 def test_block_drops_each_branch_per_example_independently():
     # Every example's output is one of the four deterministic combinations x + s_a a +
     # s_m f(x + s_a a), s in {0, 1/(1-rate)}, and the two branches' draws are independent.
@@ -498,6 +516,7 @@ def test_block_drops_each_branch_per_example_independently():
     assert abs(both - (1 - rate) ** 2) < 5 * np.sqrt((1 - rate) ** 2 * (1 - (1 - rate) ** 2) / n)
 
 
+@pytest.mark.slow
 def test_body_drop_path_rates_follow_linspace():
     depth, rate = 5, 0.1
     body = models.ViTBody(DIM, depth, HEADS, drop_path=rate)
@@ -520,6 +539,7 @@ def test_body_drop_path_rates_follow_linspace():
     assert seen == {f"block{i}": (r, False) for i, r in enumerate(np.linspace(0, rate, depth))}
 
 
+@pytest.mark.slow
 def test_body_drop_path_deterministic_is_the_plain_body():
     tokens = jax.random.normal(jax.random.key(0), (4, 9, DIM))
     plain, dropping = _body(), models.ViTBody(DIM, DEPTH, HEADS, drop_path=0.1)
@@ -555,6 +575,7 @@ def test_drop_path_body_is_permutation_equivariant(deterministic):
     assert float(jnp.abs(out[:, perm] - out_p).max()) < 1e-5
 
 
+@pytest.mark.slow
 def test_dino_nets_take_drop_path_from_the_server_config():
     config = base.get_config("tiny")
     assert models.dino_net_from_config(config).body.drop_path == config.server.get(
@@ -580,3 +601,65 @@ def test_dino_nets_take_drop_path_from_the_server_config():
     logits, _ = image_net.apply({"params": ip}, images, deterministic=False,
                                 rngs={"drop_path": jax.random.key(1)})
     assert logits.shape == (2, config.server.out_dim)
+
+
+# ---------------------------------------------------------------- init and probe features
+
+
+@pytest.mark.slow
+def test_dino_init_starts_every_attention_map_uniform_and_lecun_does_not():
+    tokens = jax.random.normal(jax.random.key(0), (2, 24, 16))
+    entropies = {}
+    for init in models.INITS:
+        body = models.ViTBody(128, 2, 4, token_dim=16, weight_init=init)
+        params = body.init(jax.random.key(1), tokens)
+        _, state = body.apply(params, tokens, mutable=["intermediates"])
+        w = np.asarray(state["intermediates"]["block0"]["attn"]["attention"][0])
+        entropies[init] = float(-(w * np.log(w)).sum(-1).mean())
+    uniform = np.log(25)  # 24 tokens and the class token
+    assert entropies["dino"] == pytest.approx(uniform, abs=0.01)
+    assert entropies["lecun"] < uniform - 0.2
+    with pytest.raises(ValueError, match="init='xavier'"):
+        models.ViTBody(32, 1, 2, weight_init="xavier").init(jax.random.key(0), tokens[..., :1]
+                                                            .repeat(32, -1))
+
+
+@pytest.mark.slow
+def test_probe_features_follow_dino_by_body_size():
+    images = jax.random.uniform(jax.random.key(0), (3, 28, 28, 1))
+    head = models.ViTHead(28, 4, 32)
+    for depth in (2, 5):
+        body = models.ViTBody(32, depth, 2)
+        kinds = {}
+        for kind in ("cls", "last4", "cls_avgpool", "dino"):
+            net = models.ViTClassifier(head, body, 10, linear_features=kind)
+            params = net.init(jax.random.key(1), images)
+            kinds[kind] = net.apply(params, images, method=net.probe_features)
+        cls = np.asarray(kinds["cls"]["knn"])
+        for kind, feats in kinds.items():
+            np.testing.assert_array_equal(feats["knn"], cls)  # k-NN reads the class token
+        np.testing.assert_array_equal(kinds["cls"]["linear"], cls)
+        last4 = np.asarray(kinds["last4"]["linear"])
+        assert last4.shape == (3, 32 * min(4, depth))
+        # The last of the last blocks, through the final norm, is the class feature itself.
+        np.testing.assert_allclose(last4[:, -32:], cls, rtol=1e-6, atol=1e-6)
+        assert not np.allclose(last4[:, :32], cls)
+        _, tokens = body.apply({"params": params["params"]["body"]},
+                               head.apply({"params": params["params"]["head"]}, images))
+        avgpool = np.asarray(kinds["cls_avgpool"]["linear"])
+        np.testing.assert_allclose(avgpool, np.concatenate([cls, tokens.mean(1)], -1),
+                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(kinds["dino"]["linear"], kinds["last4"]["linear"])
+    assert models.linear_probe_features("dino", models.ViTBody(768, 1, 12)) == "cls_avgpool"
+    with pytest.raises(ValueError, match="linear features 'mean'"):
+        models.linear_probe_features("mean", models.ViTBody(32, 1, 2))
+
+
+def test_gelu_is_the_exact_gelu():
+    x = jnp.linspace(-12.0, 12.0, 200_001)
+    exact = jax.nn.gelu(x, approximate=False)  # through erfc: accurate in the far tail
+    np.testing.assert_allclose(models.vit.gelu(x), exact, rtol=0, atol=2e-6)
+    grad = jax.vmap(jax.grad(models.vit.gelu))(x)
+    np.testing.assert_allclose(grad, jax.vmap(jax.grad(
+        lambda v: jax.nn.gelu(v, approximate=False)))(x), rtol=0, atol=1e-5)
+    assert not np.allclose(models.vit.gelu(x), jax.nn.gelu(x, approximate=True), atol=1e-4)

@@ -323,19 +323,19 @@ def test_multilabel_subsets_are_a_seeded_nested_fraction_of_the_images(npz):
 # ---------------------------------------------------------------- fine-tuning and table
 
 
+@pytest.mark.slow
 def test_multilabel_fit_selects_by_validation_auc_and_learns(npz):
     train, test = read(npz, "train"), read(npz, "test")
-    model = models.ViTClassifier(models.ViTHead(28, 4, 32), models.ViTBody(32, 2, 2), 5)
+    model = models.ViTClassifier(models.ViTHead(28, 4, 32), models.ViTBody(32, 2, 2), 5,
+                                 mean=MEAN, std=STD)
     params = model.init(jax.random.key(0), np.zeros((1, 28, 28, 1)))["params"]
-    before = downstream.evaluate_model(model, params, test, np.arange(300), batch_size=100,
-                                       mean=MEAN, std=STD)
+    before = downstream.evaluate_model(model, params, test, np.arange(300), batch_size=100)
     best, info = downstream.fit(model, params, train, np.arange(256), epochs=4, lr=3e-3,
-                                batch_size=32, seed=0, mean=MEAN, std=STD,
-                                val_idx=np.arange(256, 336), eval_batch_size=80)
+                                batch_size=32, seed=0, val_idx=np.arange(256, 336),
+                                eval_batch_size=80)
     assert len(info["val_auc"]) == 4 and "val_accuracy" not in info
     assert info["best_epoch"] == 1 + int(np.argmax(info["val_auc"]))  # no ties expected
-    after = downstream.evaluate_model(model, best, test, np.arange(300), batch_size=100,
-                                      mean=MEAN, std=STD)
+    after = downstream.evaluate_model(model, best, test, np.arange(300), batch_size=100)
     assert set(after) == {"auc", "auc_per_finding", "ap", "ap_per_finding"}
     assert after["auc"] > max(0.7, before["auc"] + 0.2)  # 32 steps: 0.37 -> 0.76 here
 
@@ -358,6 +358,7 @@ def _cli(*args, workdir):
             f"--workdir={workdir}", *args]
 
 
+@pytest.mark.slow
 def test_multilabel_round_from_the_cli_writes_per_finding_results(npz, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     overrides = ["--config.data.source=medmnist", f"--config.data.path={npz}",

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from smsd_jax import checkpoints, export, sharding
 from tests.test_pipeline import ROOT, _config, _encode
@@ -117,6 +118,7 @@ def _metrics(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "server" / "metrics.jsonl").open()]
 
 
+@pytest.mark.slow
 def test_each_process_reads_its_rows_of_the_one_process_batch(tmp_path):
     port = _free_port()
     cmd = lambda i: [sys.executable, "-c", _ROWS_CHECK, str(port), str(i)]
@@ -124,6 +126,7 @@ def test_each_process_reads_its_rows_of_the_one_process_batch(tmp_path):
     assert all("rows ok" in out for out in outputs)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_resume(tmp_path):
     payload_dir, _, _ = _encode(tmp_path, _config(), "payload", n=64)
     one, two = tmp_path / "one", tmp_path / "two"

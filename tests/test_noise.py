@@ -11,7 +11,7 @@ import pytest
 from smsd_jax import consortium, data, files, models, ops, payload, site, validate
 from smsd_jax.errors import SMSDError
 from smsd_jax.layout import Layout
-from smsd_jax.privacy import accountant
+from smsd_jax.privacy import dp_accountant
 from tests.test_pipeline import _config, _encode
 
 
@@ -33,31 +33,31 @@ def _hockey_stick(epsilon, mu):
 
 def test_delta_at_mu_one_epsilon_one_is_the_reference_value():
     expected = _phi(-0.5) - math.e * _phi(-1.5)
-    assert accountant.delta(1.0, 1.0) == pytest.approx(expected, rel=1e-12)
-    assert accountant.delta(1.0, 1.0) == pytest.approx(0.1269367375, abs=1e-10)
+    assert dp_accountant.delta(1.0, 1.0) == pytest.approx(expected, rel=1e-12)
+    assert dp_accountant.delta(1.0, 1.0) == pytest.approx(0.1269367375, abs=1e-10)
 
 
 @pytest.mark.parametrize("mu", [0.3, 1.0, 2.77, 8.0])
 @pytest.mark.parametrize("epsilon", [0.0, 0.5, 1.0, 3.0])
 def test_delta_matches_quadrature_of_the_privacy_loss(mu, epsilon):
     reference = _hockey_stick(epsilon, mu)
-    assert accountant.delta(epsilon, mu) == pytest.approx(reference, rel=1e-6, abs=1e-12)
+    assert dp_accountant.delta(epsilon, mu) == pytest.approx(reference, rel=1e-6, abs=1e-12)
 
 
 @pytest.mark.parametrize("mu", [0.2, 1.0, 5.0, 13.9])
 @pytest.mark.parametrize("delta", [1e-3, 1e-5, 1e-9])
 def test_epsilon_inverts_delta(mu, delta):
-    epsilon = accountant.epsilon(delta, mu)
+    epsilon = dp_accountant.epsilon(delta, mu)
     assert epsilon > 0
-    assert accountant.delta(epsilon, mu) <= delta  # the safe side
-    assert accountant.delta(epsilon, mu) == pytest.approx(delta, rel=1e-6)
-    assert accountant.delta(epsilon * (1 - 1e-6), mu) > delta  # and the smallest such
+    assert dp_accountant.delta(epsilon, mu) <= delta  # the safe side
+    assert dp_accountant.delta(epsilon, mu) == pytest.approx(delta, rel=1e-6)
+    assert dp_accountant.delta(epsilon * (1 - 1e-6), mu) > delta  # and the smallest such
 
 
 def test_epsilon_is_zero_when_delta_alone_covers_the_mechanism():
     mu = 0.01  # delta(0) = 2 Phi(mu / 2) - 1, about 0.004
-    assert accountant.epsilon(0.01, mu) == 0.0
-    assert accountant.epsilon(1e-3, mu) > 0.0
+    assert dp_accountant.epsilon(0.01, mu) == 0.0
+    assert dp_accountant.epsilon(1e-3, mu) > 0.0
 
 
 def test_tight_epsilon_is_below_the_classical_bound():
@@ -65,28 +65,28 @@ def test_tight_epsilon_is_below_the_classical_bound():
     # (epsilon, delta)-DP for epsilon < 1; the analytic mechanism needs less.
     for target in (0.1, 0.5, 0.9):
         mu = target / math.sqrt(2 * math.log(1.25 / 1e-5))
-        assert accountant.epsilon(1e-5, mu) < target
+        assert dp_accountant.epsilon(1e-5, mu) < target
 
 
 def test_image_epsilon_falls_with_noise_and_grows_with_tokens_sent():
     multipliers = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0]
-    epsilons = [accountant.image_epsilon(1e-5, s, 24, 2) for s in multipliers]
+    epsilons = [dp_accountant.image_epsilon(1e-5, s, 24, 2) for s in multipliers]
     assert all(a > b for a, b in zip(epsilons, epsilons[1:]))
     sent = [(1, 1), (12, 1), (24, 2), (49, 4)]
-    epsilons = [accountant.image_epsilon(1e-5, 5.0, k, m) for k, m in sent]
+    epsilons = [dp_accountant.image_epsilon(1e-5, 5.0, k, m) for k, m in sent]
     assert all(a < b for a, b in zip(epsilons, epsilons[1:]))
     # Only K * M counts: mu = 2 sqrt(K M) / noise_multiplier.
-    assert accountant.image_mu(5.0, 24, 2) == pytest.approx(2 * math.sqrt(48) / 5)
-    assert (accountant.image_epsilon(1e-5, 5.0, 24, 2)
-            == accountant.image_epsilon(1e-5, 5.0, 48, 1))
+    assert dp_accountant.image_mu(5.0, 24, 2) == pytest.approx(2 * math.sqrt(48) / 5)
+    assert (dp_accountant.image_epsilon(1e-5, 5.0, 24, 2)
+            == dp_accountant.image_epsilon(1e-5, 5.0, 48, 1))
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda: accountant.image_mu(0.0, 24, 2), "noise_multiplier=0.0"),
-    (lambda: accountant.image_mu(1.0, 0, 2), "tokens=0"),
-    (lambda: accountant.epsilon(0.0, 1.0), "delta=0.0"),
-    (lambda: accountant.delta(-1.0, 1.0), "epsilon=-1.0"),
-    (lambda: accountant.delta(1.0, 0.0), "mu=0.0"),
+    (lambda: dp_accountant.image_mu(0.0, 24, 2), "noise_multiplier=0.0"),
+    (lambda: dp_accountant.image_mu(1.0, 0, 2), "tokens=0"),
+    (lambda: dp_accountant.epsilon(0.0, 1.0), "delta=0.0"),
+    (lambda: dp_accountant.delta(-1.0, 1.0), "epsilon=-1.0"),
+    (lambda: dp_accountant.delta(1.0, 0.0), "mu=0.0"),
 ])
 def test_accountant_refuses_values_outside_its_domain(call, match):
     with pytest.raises(SMSDError, match=match):
@@ -216,7 +216,7 @@ def test_dp_payload_is_clipped_tokens_plus_noise_and_states_its_epsilon(tmp_path
     k, m = manifest["tokens"], manifest["num_samples"]
     assert manifest["noise"] == dict(
         dp_clip=clip, dp_noise_multiplier=multiplier, dp_delta=1e-5,
-        dp_epsilon=accountant.image_epsilon(1e-5, multiplier, k, m))
+        dp_epsilon=dp_accountant.image_epsilon(1e-5, multiplier, k, m))
     payload.open_payloads([private])  # the server's checks pass
 
 
@@ -244,7 +244,7 @@ def test_site_stage_prints_the_epsilon_of_its_payload(tmp_path, capsys):
     layout = Layout(tmp_path / "w")
     consortium.set_up(config, layout)
     manifest = site.site_stage(config, layout, 0)
-    epsilon = accountant.image_epsilon(1e-5, 5.0, manifest["tokens"], manifest["num_samples"])
+    epsilon = dp_accountant.image_epsilon(1e-5, 5.0, manifest["tokens"], manifest["num_samples"])
     out = capsys.readouterr().out
     assert f"epsilon {epsilon:.4g} at delta 1e-05" in out
     assert out.count("epsilon") == 1

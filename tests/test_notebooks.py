@@ -81,6 +81,7 @@ def _check_attention(text: str, pngs: int) -> None:
 CHECKS = dict(zip(NAMES, (_check_quickstart, _check_encryption, _check_attention)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs_and_shows_its_results(name, tmp_path):
     before = sorted(NOTEBOOKS.iterdir())

@@ -112,6 +112,7 @@ def test_dino_loss_matches_numpy_reference():
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_no_gradient_reaches_the_teacher():
     student = _tokens((4, 3, 16), 1)
     teacher = _tokens((2, 3, 16), 2)
@@ -151,6 +152,7 @@ def test_teacher_entropy_bounds():
     assert peaked < 1e-3
 
 
+@pytest.mark.slow
 def test_a_centre_per_site_removes_an_output_that_only_names_the_site():
     # A teacher whose logits say only which of 3 sites an image came from: one centre leaves
     # its targets one-hot (the collapse onto the sites); a centre per site flattens them.

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import experiments
 from smsd_jax import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +46,7 @@ def _installed_files(venv) -> list[Path]:
     return [Path(line.strip()) for line in listing.splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_pip_install_holds_only_smsd_jax(venv):
     files = _installed_files(venv)
     tops = {f.parts[0] for f in files if f.parts[0] != ".."}
@@ -54,22 +56,28 @@ def test_pip_install_holds_only_smsd_jax(venv):
         assert not any(package in f.parts for f in files), package
 
 
+@pytest.mark.slow
 def test_installed_library_imports_from_the_venv_and_nothing_else(venv):
     code = ("import smsd_jax, smsd_jax.ops, smsd_jax.models, importlib.util; "
             "print(smsd_jax.__file__); "
-            "print([m for m in ('configs', 'launch') if importlib.util.find_spec(m)])")
+            "print([m for m in ('configs', 'launch', 'experiments') "
+            "if importlib.util.find_spec(m)])")
     out = subprocess.run([venv / "bin" / "python", "-c", code], check=True, capture_output=True,
                          text=True, cwd=venv.parent).stdout.splitlines()
     assert Path(out[0]).is_relative_to(venv)
-    assert out[1] == "[]"  # no top-level configs or launch package came with it
+    assert out[1] == "[]"  # no top-level configs, launch or experiments came with it
 
 
-def test_console_script_lists_every_mode(venv):
+def test_console_script_lists_every_stage_and_the_checkout_every_experiment(venv):
     out = subprocess.run([venv / "bin" / "smsd-jax", "--help"], capture_output=True, text=True,
                          cwd=venv.parent)  # absl's --help exits with status 1
     for mode in cli.MODES:
         assert mode in out.stdout
     assert "--config" in out.stdout and "--workdir" in out.stdout
+    assert "run from a checkout" in out.stdout
+    checkout = _cli("--help").stdout
+    for mode in [*cli.MODES, *experiments.MODES]:
+        assert f"{mode}:" in checkout
 
 
 def _cli(*args, cwd=ROOT):
@@ -84,7 +92,7 @@ def test_config_that_cannot_load_is_one_line_with_status_2(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         "error: unknown config variant 'nonsense' of configs/quickstart.py; it accepts "
-        "runlocal, tiny (comma-separated, e.g. configs/quickstart.py:runlocal)"]
+        "runlocal, tiny, demo_keys (comma-separated, e.g. configs/quickstart.py:runlocal)"]
     assert not (tmp_path / "w").exists()
 
 
@@ -92,7 +100,7 @@ def test_an_unexpected_error_keeps_its_traceback(tmp_path):
     # A bug (here a ValueError that is not an SMSDError, as one deep in JAX would be) is not
     # turned into one line: the traceback shows where it came from.
     code = ("import sys; from smsd_jax import cli\n"
-            "def run(argv): raise ValueError('a bug deep inside')\n"
+            "def run(argv, experiments): raise ValueError('a bug deep inside')\n"
             "cli.run = run\n"
             "sys.argv = ['smsd-jax', '--config=configs/quickstart.py:tiny']\n"
             "cli.main()\n")

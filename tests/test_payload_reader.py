@@ -58,6 +58,7 @@ def test_the_reader_holds_only_its_prefetch_buffer(payloads):
     assert most <= bound and rows.rows_read <= 2 * len(rows) + prefetch * batch
 
 
+@pytest.mark.slow
 def test_a_server_run_reads_each_step_from_disk_within_its_bound(payloads, tmp_path):
     config, dirs = payloads
     config = config.copy_and_resolve_references()

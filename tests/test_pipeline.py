@@ -80,6 +80,7 @@ def test_payload_holds_only_encrypted_tokens(tmp_path):
         assert np.mean([np.all(np.diff(p) > 0) for p in positions]) < 0.05
 
 
+@pytest.mark.slow
 def test_payload_bytes_follow_head_dim(tmp_path):
     default, narrow = _config(), _config()
     default.model.head_dim = 0  # the body's width
@@ -165,6 +166,7 @@ def test_site_encoding_is_reproducible_and_resumes(tmp_path):
     assert len(payload.read_manifest(part)["shards"]) == N_IMAGES // 32
 
 
+@pytest.mark.slow
 def test_server_on_eight_devices_equals_one(tmp_path):
     config = _config()
     pay, _, _ = _encode(tmp_path, config, "payload", n=64)
@@ -182,6 +184,7 @@ def _cli(*args, workdir):
             f"--workdir={workdir}", *args]
 
 
+@pytest.mark.slow
 def test_server_resumes_after_kill_and_matches_uninterrupted(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     workdir = tmp_path / "run"
@@ -215,6 +218,7 @@ def test_server_resumes_after_kill_and_matches_uninterrupted(tmp_path):
     assert steps == sorted(set(steps))  # each step logged once, in order
 
 
+@pytest.mark.slow
 def test_simulate_runs_the_whole_round_from_the_cli(tmp_path):
     # With a narrow head: tokens of 8 values (half the 16 of a patch) into the tiny body of
     # width 32 through its stem, in every stage, the body export and the downstream model
@@ -245,7 +249,7 @@ def test_simulate_runs_the_whole_round_from_the_cli(tmp_path):
     assert 0 < row["teacher_entropy"] <= row["max_entropy"] + 1e-6
 
     # Then every site on its own data: the same body, each site's labels and held-out images.
-    result = subprocess.run(_cli("--mode=sites", "--config.model.head_dim=8", workdir=workdir),
+    result = subprocess.run(_cli("--mode=downstream_per_site", "--config.model.head_dim=8", workdir=workdir),
                             cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((workdir / "results" / "sites.json").read_text())

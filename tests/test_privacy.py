@@ -19,7 +19,8 @@ from scipy import stats
 from configs import privacy_fashion
 from smsd_jax import data, evaluation, models, ops
 from smsd_jax.data import fashion_mnist
-from smsd_jax.privacy import attacks, audit, leakage
+from smsd_jax.privacy import attacks, leakage
+from experiments import privacy_audit as audit
 
 MEAN, STD = 0.286, 0.353  # config.data's normalisation
 PATCH, N, P = 4, 49, 16   # patch 4 on 28x28 grayscale: 49 positions, 16 values per patch
@@ -134,6 +135,7 @@ def _trained_attacker(head_seed: int):
     return params, np.asarray(losses)
 
 
+@pytest.mark.slow
 def test_learned_attacker_is_at_chance_with_its_own_head_and_wins_with_the_leaked_one():
     victims = _images("train", 100)
     sent, positions = ops.encrypt(jax.random.key(2), jnp.asarray(_tokens(128, 1, victims)), 0.5)
@@ -149,6 +151,7 @@ def test_learned_attacker_is_at_chance_with_its_own_head_and_wins_with_the_leake
     assert accuracy["leaked"] > 0.9, accuracy
 
 
+@pytest.mark.slow
 def test_residual_clustering_groups_tokens_by_position_without_the_head():
     victims = _images("train", 100)
     sent, positions = ops.encrypt(jax.random.key(3), jnp.asarray(_tokens(128, 1, victims)), 0.5)
@@ -185,6 +188,7 @@ def _blank_anchor_attack(dim: int, victims: np.ndarray, constant_patches: str = 
     return repeated, names, groups, truth
 
 
+@pytest.mark.slow
 def test_blank_patches_repeat_one_token_per_position_at_any_width():
     # A blank patch is x W + o_n with x fixed: one exact value per blank position, whatever D.
     for dim in (8, 128):
@@ -244,6 +248,7 @@ def test_almost_blank_patches_still_anchor_positions_when_blanks_are_unplaced():
         public))
 
 
+@pytest.mark.slow
 def test_a_secret_head_is_estimated_from_moments_when_positions_are_known():
     # All tokens in grid order (no permutation): each position's token covariance is
     # W^T S_n W, and public patches give S_n. That pins W down, sign included, without the head.
@@ -373,6 +378,7 @@ def test_study_refuses_to_attack_with_the_images_it_attacks(tmp_path):
         audit.run_privacy(config, tmp_path)
 
 
+@pytest.mark.slow
 def test_run_privacy_tiny_writes_json_markdown_and_pngs(tmp_path):
     config = privacy_fashion.get_config("tiny")
     summary = audit.run_privacy(config, tmp_path)

@@ -40,6 +40,7 @@ def _check_png(path: Path, min_size=(500, 300)):
     assert pixels.std() > 10  # something is drawn, not a blank canvas
 
 
+@pytest.mark.slow  # the module's real run
 def test_report_of_a_real_run(run, tmp_path):
     paths = report.draw_report(run, tmp_path / "plots")
     assert [p.name for p in paths] == [report.CURVES_PNG, report.DOWNSTREAM_PNG]
@@ -54,6 +55,7 @@ def test_report_of_a_real_run(run, tmp_path):
     assert math.isnan(table[0, 2])  # raw pixels are not fine-tuned
 
 
+@pytest.mark.slow  # the module's real run
 def test_report_defaults_to_the_results_folder_and_skips_missing_downstream(run, tmp_path):
     (tmp_path / "server").mkdir()
     (tmp_path / "server" / "metrics.jsonl").write_bytes(
@@ -70,6 +72,7 @@ def test_missing_metrics_name_the_path_and_the_stage_to_run(tmp_path):
     assert "--mode=server" in str(error.value)
 
 
+@pytest.mark.slow  # the module's real run
 def test_metrics_of_a_live_run_and_a_damaged_file(run, tmp_path):
     lines = (run / "server" / "metrics.jsonl").read_text().splitlines()
     path = tmp_path / "metrics.jsonl"
@@ -126,6 +129,7 @@ def read_events(path: Path) -> list[event_pb2.Event]:
     return events
 
 
+@pytest.mark.slow  # the module's real run
 def test_event_file_holds_the_scalars_of_a_real_run(run, tmp_path):
     rows = [json.loads(line) for line in (run / "server" / "metrics.jsonl").open()]
     with metrics_log.EventWriter(tmp_path / "tb") as writer:

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from configs import segment_mri
-from smsd_jax import data, models, segmentation
+from smsd_jax import data, models
+from smsd_jax.downstream import segmentation
 from smsd_jax.data import masks
 from smsd_jax.errors import SMSDError
 
@@ -85,6 +86,7 @@ def test_dice_ce_loss_is_least_for_the_true_masks(mri):
     assert loss(jnp.roll(truth, 2, axis=2)) > loss(truth) + 0.1
 
 
+@pytest.mark.slow
 def test_the_tail_learns_lobes_from_raw_pixels_and_position(mri):
     config, train, test = mri
     config.downstream.segment_steps = 200
@@ -130,6 +132,7 @@ def test_segmentation_needs_a_mask_source():
         data.load_source(config.data, "test")
 
 
+@pytest.mark.slow
 def test_segmentation_from_the_cli(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "launch.main", "--config=configs/segment_mri.py:tiny",

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import study_fashion
-from smsd_jax.study import comparison, summary as tables
+from experiments import study as comparison, study_tables as tables
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,6 +83,7 @@ def _run_study(workdir: Path) -> subprocess.CompletedProcess:
         cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_tiny_study_from_the_cli_and_resume(tmp_path):
     proc = _run_study(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

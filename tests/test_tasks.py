@@ -90,6 +90,7 @@ def get_config():
 '''
 
 
+@pytest.mark.slow
 def test_one_body_three_tasks_from_the_cli(tmp_path):
     train, test = data.fashion_mnist("train"), data.fashion_mnist("test")
     npz = tmp_path / "attributes.npz"

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from smsd_jax import accounting
+from smsd_jax import cost
 from smsd_jax.baselines import image_dino
 from smsd_jax.errors import SMSDError
 
@@ -67,8 +67,8 @@ def pretrain_centralized(config, source, indices, *, seed: int,
         history.append(row)
         print(image_dino.progress("centralized: epoch", epoch + 1, epochs, row,
                                   time.perf_counter() - start, cfg.out_dim))
-    model_bytes = accounting.tree_bytes({"head": state.teacher["head"],
-                                         "body": state.teacher["body"]})
+    model_bytes = cost.tree_bytes({"head": state.teacher["head"],
+                                   "body": state.teacher["body"]})
     return image_dino.from_teacher(
         config, state.teacher, images_seen=total * cfg.batch_size, steps=total,
         server_flops=dino.step_flops * total, client_flops_per_site=[0.0] * len(site_indices),

@@ -16,7 +16,7 @@ Choices:
 - Sites of different sizes share the batch size and drop their last partial batch; a site
   with fewer images than one batch is an error.
 - Bytes: each round each site downloads the global student, teacher and centre, and uploads
-  its own (`accounting.tree_bytes`). FLOPs: each site's steps (XLA's count) at the site; the
+  its own (`cost.tree_bytes`). FLOPs: each site's steps (XLA's count) at the site; the
   averaging (a multiply and an add per site per value) at the server.
 """
 
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from smsd_jax import accounting, distill
+from smsd_jax import cost, distill
 from smsd_jax.baselines import image_dino
 from smsd_jax.errors import SMSDError
 
@@ -90,7 +90,7 @@ def pretrain_fedavg(config, source, site_indices: list[np.ndarray], *, seed: int
     dino = image_dino.build(config, total_steps=b.rounds * clock,
                             steps_per_epoch=max(per_epoch), seed=seed)
     shared = (dino.state.student, dino.state.teacher, dino.state.center)
-    shared_bytes = accounting.tree_bytes(shared)
+    shared_bytes = cost.tree_bytes(shared)
     opt_states = [jax.tree.map(jnp.copy, dino.state.opt_state) for _ in sizes]
     history, done_images = [], 0
     for r in range(b.rounds):

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smsd_jax import accounting, data, distill, models
+from smsd_jax import cost, data, distill, models
 from smsd_jax.baselines import multicrop
 from smsd_jax.errors import NotFiniteError, SMSDError
 
@@ -123,7 +123,7 @@ def _compiled(config, total_steps: int, steps_per_epoch: int) -> tuple:
     step = jax.jit(step, donate_argnums=0)
     state = jax.eval_shape(init, jax.random.key(0))
     batch = jax.ShapeDtypeStruct((cfg.batch_size, *image_shape), jnp.float32)
-    flops = accounting.compiled_flops(step, state, batch, jax.random.key(0))
+    flops = cost.compiled_flops(step, state, batch, jax.random.key(0))
     _COMPILED[cache_key] = (init, step, flops)
     return _COMPILED[cache_key]
 

@@ -16,12 +16,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
-import nibabel
 import numpy as np
 from PIL import Image
 
 from smsd_jax.data import sources
-from smsd_jax.errors import MissingInputError, SMSDError
+from smsd_jax.errors import MissingInputError, SMSDError, require
 
 SPLITS = ("train", "test")
 _PICTURES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
@@ -184,6 +183,7 @@ def mask_folder(root: str, image_size: int, channels: int,
 def _load_nifti(path: str):
     if not os.path.isfile(path):
         raise MissingInputError(f"NIfTI file {path} not found")
+    nibabel = require("nibabel", "medical")
     try:
         return nibabel.load(path)
     except Exception as e:  # nibabel raises several types for a bad file

@@ -21,12 +21,9 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
-import pydicom
-import pydicom.pixels
-from pydicom.errors import InvalidDicomError
 from PIL import Image
 
-from smsd_jax.errors import MissingInputError, SMSDError
+from smsd_jax.errors import MissingInputError, SMSDError, require
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
@@ -306,7 +303,12 @@ def _read_dicom(path: str) -> np.ndarray:
     centre/width as the file prescribes, min/max to uint8, and MONOCHROME1 inverted so
     that bright always means dense.
     """
-    ds = pydicom.dcmread(path)
+    pydicom = require("pydicom", "medical")
+    require("pydicom.pixels", "medical")
+    try:
+        ds = pydicom.dcmread(path)
+    except pydicom.errors.InvalidDicomError as e:
+        raise SMSDError(f"{path}: cannot read the image ({e}); fix or remove the file.") from e
     if "PixelData" not in ds:
         raise SMSDError(
             f"{path}: DICOM has no pixel data (modality {ds.get('Modality', 'unknown')},"
@@ -351,7 +353,7 @@ def read_pixels(path: str) -> np.ndarray:
     try:
         is_dicom = path.lower().endswith(_DICOM_SUFFIXES)
         return _read_dicom(path) if is_dicom else _read_picture(path)
-    except (OSError, InvalidDicomError) as e:
+    except OSError as e:
         raise SMSDError(f"{path}: cannot read the image ({e}); fix or remove the file.") from e
 
 

@@ -76,6 +76,20 @@ def torch_linear_uniform(fan_in_axis: int = 0) -> nn.initializers.Initializer:
 # DINO's `_init_weights` for every linear layer of the body and the DINO head's MLP.
 _dense_init = dict(kernel_init=trunc_normal(0.02), bias_init=nn.initializers.zeros)
 
+# The body's weight matrices at init (`ViTBody.weight_init`, `config.model.init`): DINO's trunc_normal(0.02), or Flax's
+# default lecun_normal (variance 1 / fan_in). At 0.02 the attention logits of a small body
+# are ~0, so every attention map starts uniform and the untrained body is a mean pool.
+INITS = {"dino": _dense_init,
+         "lecun": dict(kernel_init=nn.initializers.lecun_normal(),
+                       bias_init=nn.initializers.zeros)}
+
+
+def dense_init(init: str) -> dict:
+    """The kernel and bias initialisers of the body's linear layers for `init` (`INITS`)."""
+    if init not in INITS:
+        raise SMSDError(f"init={init!r}: use one of {tuple(INITS)} (config.model.init)")
+    return INITS[init]
+
 
 def stochastic_depth_rates(rate: float, depth: int) -> list[float]:
     """DINO's stochastic depth decay rule: block i of `depth` gets `linspace(0, rate)[i]`."""
@@ -94,6 +108,9 @@ def drop_path(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
     keep = 1.0 - rate
     kept = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
     scale = jnp.where(kept, jnp.float32(1.0 / keep), jnp.float32(0.0))
+    # Materialised ([B, 1, ...]): fused into its consumers, XLA would recompute the draw for
+    # every element of the branch and of its gradient.
+    scale = jax.lax.optimization_barrier(scale)
     return (x.astype(jnp.float32) * scale).astype(x.dtype)
 
 
@@ -182,28 +199,47 @@ def resize_pos_embed(pos: jax.Array, side: int, grid: tuple[int, int]) -> jax.Ar
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over a set of tokens; no position bias of any kind."""
+    """Multi-head self-attention over a set of tokens; no position bias of any kind.
+
+    `implementation` None: softmax(q k^T / sqrt(d)) v written out with the heads as a batch
+    axis ([B, heads, T, head_dim]: XLA's batched matmuls then need no transposes around each
+    product), the form that also exposes the weights (`mutable=["intermediates"]`); "xla" or
+    "cudnn": `jax.nn.dot_product_attention` with that implementation (fused kernels on GPUs).
+    """
     dim: int
     heads: int
     dtype: jnp.dtype = jnp.float32
-    implementation: str | None = None  # jax.nn.dot_product_attention's: None, "xla", "cudnn".
+    implementation: str | None = None  # None, or jax.nn.dot_product_attention's "xla", "cudnn"
+    weight_init: str = "dino"  # INITS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t, _ = x.shape
-        qkv = nn.Dense(3 * self.dim, dtype=self.dtype, name="qkv", **_dense_init)(x)
-        q, k, v = jnp.split(qkv.reshape(b, t, 3, self.heads, self.dim // self.heads), 3, axis=2)
-        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # [B, T, heads, head_dim]
-        if self.is_mutable_collection("intermediates"):
-            # Asked for attention maps: the explicit form, which exposes the weights.
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+        qkv = nn.Dense(3 * self.dim, dtype=self.dtype, name="qkv",
+                       **dense_init(self.weight_init))(x)
+        heads = qkv.reshape(b, t, 3, self.heads, self.dim // self.heads)
+        if self.implementation is None or self.is_mutable_collection("intermediates"):
+            q, k, v = heads.transpose(2, 0, 3, 1, 4)  # each [B, heads, T, head_dim]
+            logits = (q @ k.swapaxes(-1, -2)) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
             weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-            self.sow("intermediates", "attention", weights)
-            out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+            if self.is_mutable_collection("intermediates"):
+                self.sow("intermediates", "attention", weights)  # [B, heads, T, T]
+            out = (weights.astype(v.dtype) @ v).transpose(0, 2, 1, 3)  # [B, T, heads, hd]
         else:
+            q, k, v = (heads[:, :, i] for i in range(3))  # each [B, T, heads, head_dim]
             out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
         return nn.Dense(self.dim, dtype=self.dtype, name="proj",
-                        **_dense_init)(out.reshape(b, t, self.dim))
+                        **dense_init(self.weight_init))(out.reshape(b, t, self.dim))
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """The exact GELU, `x Phi(x) = x (1 + erf(x / sqrt 2)) / 2` (PyTorch's `nn.GELU()`, DINO's).
+
+    `jax.nn.gelu(approximate=False)` computes the same function through `erfc`, whose XLA
+    expansion costs an exponential and a select per value; through `erf` the two agree to
+    1e-6 and this one is faster on CPU.
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(np.sqrt(0.5)).astype(x.dtype)))
 
 
 class Block(nn.Module):
@@ -219,6 +255,7 @@ class Block(nn.Module):
     dtype: jnp.dtype = jnp.float32
     attention: str | None = None
     drop_path: float = 0.0
+    weight_init: str = "dino"  # INITS
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -228,13 +265,14 @@ class Block(nn.Module):
             return drop_path(branch, self.drop_path, self.make_rng("drop_path"))
 
         y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
-        y = Attention(self.dim, self.heads, self.dtype, self.attention, name="attn")(y)
+        y = Attention(self.dim, self.heads, self.dtype, self.attention, self.weight_init,
+                      name="attn")(y)
         x = x + residual(y)
         y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
         y = nn.Dense(int(self.mlp_ratio * self.dim), dtype=self.dtype, name="fc1",
-                     **_dense_init)(y)
+                     **dense_init(self.weight_init))(y)
         y = nn.Dense(self.dim, dtype=self.dtype, name="fc2",
-                     **_dense_init)(nn.gelu(y, approximate=False))
+                     **dense_init(self.weight_init))(gelu(y))
         return x + residual(y)
 
 
@@ -263,6 +301,8 @@ class ViTBody(nn.Module):
         `config.model.per_site_heads`): S stems, kernel `[S, token_dim, dim]` and bias
         `[S, dim]`, and each example goes through the stem of its site (`sites` at call).
         `site_body` cuts out one site's stem: that site's plain body.
+      weight_init: the blocks' weight matrices at init, "dino" (trunc_normal 0.02, DINO's)
+        or "lecun" (Flax's lecun_normal); `INITS` (`config.model.init`).
     """
     dim: int
     depth: int
@@ -273,6 +313,7 @@ class ViTBody(nn.Module):
     drop_path: float = 0.0
     token_dim: int = 0
     site_stems: int = 0
+    weight_init: str = "dino"
 
     @property
     def drop_path_rates(self) -> list[float]:
@@ -286,12 +327,14 @@ class ViTBody(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array, deterministic: bool = True,
-                 sites: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                 sites: jax.Array | None = None, last_blocks: int = 0) -> tuple:
         """tokens `[B, K, input_dim]` -> (class feature `[B, D]`, token features `[B, K, D]`).
 
         `deterministic=False` (the student's training forward) applies stochastic depth and
         needs `rngs={"drop_path": key}` when `drop_path > 0`. `sites` `[B]` (int): the site of
-        each example, with `site_stems` only.
+        each example, with `site_stems` only. `last_blocks` n > 0 adds a third output, DINO's
+        `get_intermediate_layers`: the outputs of the last n blocks through the final norm,
+        `[n, B, 1 + K, D]` (the linear probe's features).
         """
         width = self.input_dim
         if tokens.ndim != 3 or tokens.shape[-1] != width:
@@ -315,11 +358,19 @@ class ViTBody(nn.Module):
         cls = self.param("cls_token", trunc_normal(0.02), (1, 1, self.dim))
         cls = jnp.broadcast_to(cls, (tokens.shape[0], 1, self.dim))
         x = jnp.concatenate([cls, tokens], axis=1).astype(self.dtype)
+        outputs = []
         for i, rate in enumerate(self.drop_path_rates):
             x = Block(self.dim, self.heads, self.mlp_ratio, self.dtype, self.attention,
-                      drop_path=rate, name=f"block{i}")(x, deterministic)
-        x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
-        return x[:, 0], x[:, 1:]
+                      drop_path=rate, weight_init=self.weight_init,
+                      name=f"block{i}")(x, deterministic)
+            outputs.append(x)
+        norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")
+        x = norm(x)
+        if not last_blocks:
+            return x[:, 0], x[:, 1:]
+        if not 0 < last_blocks <= self.depth:
+            raise SMSDError(f"last_blocks={last_blocks} of a body of depth {self.depth}")
+        return x[:, 0], x[:, 1:], jnp.stack([norm(o) for o in outputs[-last_blocks:]])
 
 
 class SiteStems(nn.Module):
@@ -383,7 +434,7 @@ class DINOHead(nn.Module):
         """features `[B, D]` -> logits `[B, out_dim]` (float32)."""
         dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name, **_dense_init)
         for i in range(self.num_layers - 1):
-            x = nn.gelu(dense(self.hidden_dim, f"mlp{i}")(x), approximate=False)
+            x = gelu(dense(self.hidden_dim, f"mlp{i}")(x))
         x = dense(self.bottleneck_dim, f"mlp{self.num_layers - 1}")(x)
         x = x.astype(jnp.float32)
         x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
@@ -436,11 +487,38 @@ class ImageDINONet(nn.Module):
         return self.dino_head(feature), feature
 
 
+# What the linear probe reads of a frozen body (`ViTClassifier.probe_features`), after DINO's
+# `eval_linear.py`: "cls", the final class token (what k-NN reads); "last4", the class tokens
+# of the last 4 blocks through the final norm, concatenated (DINO's rule for ViT-S and
+# smaller); "cls_avgpool", the final class token and the mean of the final patch tokens
+# (DINO's rule for ViT-B); "dino": DINO's rule by the body's width (`linear_probe_features`).
+LINEAR_FEATURES = ("dino", "cls", "last4", "cls_avgpool")
+
+
+def linear_probe_features(kind: str, body: "ViTBody") -> str:
+    """`kind` of `LINEAR_FEATURES`, with "dino" resolved by body size: "cls_avgpool" from
+    ViT-B's width (768) up, "last4" below it (all blocks of a body of fewer than 4)."""
+    if kind not in LINEAR_FEATURES:
+        raise SMSDError(f"linear features {kind!r}: use one of {LINEAR_FEATURES} "
+                        "(config.downstream.linear_features)")
+    if kind != "dino":
+        return kind
+    return "cls_avgpool" if body.dim >= 768 else "last4"
+
+
 class ViTClassifier(nn.Module):
-    """A site's full model for its task: own head + trained body + classification tail."""
+    """A site's full model for its task: own head + trained body + classification tail.
+
+    It takes images in [0, 1] and normalises them as the sites did before their head,
+    `(x - mean) / std` (`config.data.mean`, `config.data.std`). `linear_features`: what the
+    linear probe reads (`LINEAR_FEATURES`; `probe_features`).
+    """
     head: ViTHead
     body: ViTBody
     num_classes: int
+    mean: float = 0.0
+    std: float = 1.0
+    linear_features: str = "cls"
 
     def setup(self):
         self.tail = nn.Dense(self.num_classes)
@@ -449,15 +527,29 @@ class ViTClassifier(nn.Module):
         """images `[B, H, W, C]` -> logits `[B, num_classes]` (float32)."""
         return self.tail(self.features(images))
 
+    def _tokens(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self.body(self.head((images - self.mean) / self.std))
+
     def features(self, images: jax.Array) -> jax.Array:
-        """images `[B, H, W, C]` -> class features `[B, D]` (for linear probes and k-NN)."""
-        feature, _ = self.body(self.head(images))
+        """images `[B, H, W, C]` -> class features `[B, D]` (the tail's input; k-NN's)."""
+        feature, _ = self._tokens(images)
         return feature.astype(jnp.float32)
+
+    def probe_features(self, images: jax.Array) -> dict[str, jax.Array]:
+        """images `[B, H, W, C]` -> {"knn": the class feature `[B, D]`, "linear": the linear
+        probe's features (`linear_features`, resolved by `linear_probe_features`)}."""
+        kind = linear_probe_features(self.linear_features, self.body)
+        n = min(4, self.body.depth) if kind == "last4" else 1
+        cls, tokens, last = self.body(self.head((images - self.mean) / self.std), last_blocks=n)
+        linear = {"cls": lambda: cls,
+                  "last4": lambda: jnp.concatenate(list(last[:, :, 0]), axis=-1),
+                  "cls_avgpool": lambda: jnp.concatenate([cls, tokens.mean(1)], axis=-1)}[kind]()
+        return {"knn": cls.astype(jnp.float32), "linear": linear.astype(jnp.float32)}
 
     def token_features(self, images: jax.Array) -> jax.Array:
         """images `[B, H, W, C]` -> token features `[B, N, D]` of all N patches in grid order
         (the body is order-equivariant: the site's own order comes back); for dense tails."""
-        _, tokens = self.body(self.head(images))
+        _, tokens = self._tokens(images)
         return tokens.astype(jnp.float32)
 
 
@@ -481,7 +573,8 @@ def body_from_config(config) -> ViTBody:
     `dino_net_from_config`). A `model.head_dim` > 0 gives it a stem from that width, even
     one equal to the body's."""
     return ViTBody(**preset(config.model.size), dtype=jnp.dtype(config.model.dtype),
-                   attention=config.model.attention or None, token_dim=config.model.head_dim)
+                   attention=config.model.attention or None, token_dim=config.model.head_dim,
+                   weight_init=config.model.init)
 
 
 def dino_head_from_config(config) -> DINOHead:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smsd_jax.errors import SMSDError
+from smsd_jax.errors import SMSDError, check_rank
 
 
 def dino_loss(student_logits: jax.Array, teacher_logits: jax.Array, center: jax.Array,
@@ -29,9 +28,12 @@ def dino_loss(student_logits: jax.Array, teacher_logits: jax.Array, center: jax.
     Returns:
       A float32 scalar.
     """
-    chex.assert_rank([student_logits, teacher_logits], [3, 3])
-    chex.assert_rank(center, {1, 2})
-    chex.assert_equal_shape_suffix([student_logits, teacher_logits], 2)
+    check_rank("student_logits", student_logits, 3)
+    check_rank("teacher_logits", teacher_logits, 3)
+    check_rank("center", center, {1, 2})
+    if student_logits.shape[1:] != teacher_logits.shape[1:]:
+        raise ValueError(f"student_logits {student_logits.shape} and teacher_logits "
+                         f"{teacher_logits.shape} differ past their first axis")
     num_teacher, num_student = teacher_logits.shape[0], student_logits.shape[0]
     if num_student < 2 or num_teacher > num_student:
         raise SMSDError(f"need 2 <= student views ({num_student}) and teacher views "
@@ -57,7 +59,8 @@ def update_center(center: jax.Array, teacher_logits: jax.Array, momentum: float)
     Returns:
       The new centre, `[out_dim]` float32.
     """
-    chex.assert_rank([center, teacher_logits], [1, 3])
+    check_rank("center", center, 1)
+    check_rank("teacher_logits", teacher_logits, 3)
     batch_mean = jnp.mean(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32), axis=(0, 1))
     return momentum * center + (1.0 - momentum) * batch_mean
 
@@ -81,7 +84,9 @@ def update_site_centers(centers: jax.Array, teacher_logits: jax.Array, sites: ja
     Returns:
       The new centres, `[num_sites, out_dim]` float32.
     """
-    chex.assert_rank([centers, teacher_logits, sites], [2, 3, 1])
+    check_rank("centers", centers, 2)
+    check_rank("teacher_logits", teacher_logits, 3)
+    check_rank("sites", sites, 1)
     per_image = jnp.mean(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32), axis=0)
     member = jax.nn.one_hot(sites, centers.shape[0], dtype=jnp.float32)  # [batch, sites]
     counts = member.sum(0)[:, None]
@@ -90,8 +95,7 @@ def update_site_centers(centers: jax.Array, teacher_logits: jax.Array, sites: ja
     return jnp.where(counts > 0, updated, centers)
 
 
-def ema(teacher: chex.ArrayTree, student: chex.ArrayTree, momentum: float | jax.Array
-        ) -> chex.ArrayTree:
+def ema(teacher, student, momentum: float | jax.Array):
     """`teacher <- momentum * teacher + (1 - momentum) * student`, leaf by leaf."""
     return jax.tree.map(
         lambda t, s: (momentum * t + (1.0 - momentum) * s).astype(t.dtype), teacher, student)

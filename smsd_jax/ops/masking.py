@@ -7,11 +7,10 @@ kept tokens is a static Python int computed from the static shape and `keep`.
 
 from __future__ import annotations
 
-import chex
 import jax
 import jax.numpy as jnp
 
-from smsd_jax.errors import SMSDError
+from smsd_jax.errors import SMSDError, check_rank
 
 
 def num_kept(num_tokens: int, keep: float, name: str = "keep", of: str = "tokens") -> int:
@@ -50,7 +49,7 @@ def mask_sample(key: jax.Array, tokens: jax.Array, keep: float) -> tuple[jax.Arr
         `(kept, indices)`: `kept` `[..., K, D]`, and `indices` `[..., K]` (int32, increasing)
         with `kept[..., i, :] == tokens[..., indices[..., i], :]`.
     """
-    chex.assert_rank(tokens, {2, 3, 4, 5})
+    check_rank("tokens", tokens, {2, 3, 4, 5})
     k = num_kept(tokens.shape[-2], keep)
     # The top-K of i.i.d. uniform noise is a uniformly random K-subset.
     noise = jax.random.uniform(key, tokens.shape[:-1])
@@ -70,7 +69,7 @@ def permute(key: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
         `(shuffled, perm)`: `shuffled` `[..., K, D]` and `perm` `[..., K]` (int32) with
         `shuffled[..., i, :] == tokens[..., perm[..., i], :]`.
     """
-    chex.assert_rank(tokens, {2, 3, 4, 5})
+    check_rank("tokens", tokens, {2, 3, 4, 5})
     # argsort of i.i.d. noise is a uniformly random permutation, independently per example.
     perm = jnp.argsort(jax.random.uniform(key, tokens.shape[:-1]), axis=-1).astype(jnp.int32)
     return _gather_tokens(tokens, perm), perm
@@ -86,7 +85,8 @@ def unpermute(tokens: jax.Array, perm: jax.Array) -> jax.Array:
     Returns:
         `[..., K, D]`, the tokens in their order before `permute`.
     """
-    chex.assert_equal_shape_prefix([tokens, perm], perm.ndim)
+    if tokens.shape[:perm.ndim] != perm.shape:
+        raise ValueError(f"perm {perm.shape} is not the leading shape of tokens {tokens.shape}")
     return _gather_tokens(tokens, jnp.argsort(perm, axis=-1))
 
 

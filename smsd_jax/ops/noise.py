@@ -3,7 +3,7 @@
 Two kinds (`smsd_jax/site.py` applies them, `config.site`): plain Gaussian noise of a chosen
 std (`add_token_noise`, no formal guarantee), and the Gaussian mechanism of differential
 privacy (`gaussian_dp`: each token clipped to an L2 norm, then noise scaled to that norm;
-`smsd_jax/privacy/accountant.py` gives its (epsilon, delta)). The functions act on the last
+`smsd_jax/privacy/dp_accountant.py` gives its (epsilon, delta)). The functions act on the last
 axis `[..., D]`, are pure and stay correct under `jax.jit` and `jax.vmap`.
 """
 
@@ -65,6 +65,6 @@ def gaussian_dp(key: jax.Array, tokens: jax.Array, clip, noise_multiplier) -> ja
     clip)^2)` added to every value (`add_token_noise`).
 
     One image's release (its `K` tokens of each of its `M` samples) then has the (epsilon,
-    delta) of `smsd_jax.privacy.accountant.image_epsilon`.
+    delta) of `smsd_jax.privacy.dp_accountant.image_epsilon`.
     """
     return add_token_noise(key, clip_tokens(tokens, clip), noise_multiplier * clip)

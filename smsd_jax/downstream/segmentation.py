@@ -14,9 +14,9 @@ tail on each patch's own normalised values and its position: the baseline withou
     segmentation_metrics(conf, class_names)   # Dice and IoU per class, their means
 
 Training: `dice_ce_loss`, pixel cross-entropy plus one minus the mean soft Dice of the
-foreground classes present in the batch (nnU-Net's pairing, Dice over the whole batch). Metrics count pixels over the whole
-test set (a confusion matrix), then Dice = 2TP / (2TP + FP + FN) and IoU = TP / (TP + FP + FN)
-per class; a class absent from both truth and prediction has none (None) and is left out of
+foreground classes present in the batch (nnU-Net's pairing, Dice over the whole batch).
+Metrics count pixels over the whole test set (a confusion matrix), then Dice = 2TP / (2TP +
+FP + FN) and IoU = TP / (TP + FP + FN) per class; a class absent from both truth and prediction has none (None) and is left out of
 the means, which are over foreground classes (class 0, the background, is reported apart).
 """
 
@@ -150,13 +150,13 @@ def _normalised(images: np.ndarray, mean: float, std: float) -> np.ndarray:
     return (images.astype(np.float32) / np.float32(255) - mean) / std
 
 
-def token_features(model: models.ViTClassifier, params, images: np.ndarray, *, batch_size: int,
-                   mean: float, std: float) -> np.ndarray:
+def token_features(model: models.ViTClassifier, params, images: np.ndarray, *,
+                   batch_size: int) -> np.ndarray:
     """The body's token features of uint8 `images [n, H, W, C]`, all patches in grid order:
-    `[n, N, D]` (the last batch padded, so that one shape compiles)."""
+    `[n, N, D]` (the last batch padded, so that one shape compiles; the model normalises)."""
     out = []
     for i in range(0, len(images), batch_size):
-        x = _normalised(images[i:i + batch_size], mean, std)
+        x = images[i:i + batch_size].astype(np.float32) / np.float32(255)
         padded = np.pad(x, ((0, batch_size - len(x)),) + ((0, 0),) * 3)
         out.append(np.asarray(_tokens(model, params, padded))[:len(x)])
     return np.concatenate(out)
@@ -211,7 +211,8 @@ def evaluate_pretrained(config, head: models.ViTHead, head_params, body: models.
     """The tail on the frozen token features of head + body (`body_params` None: the body
     randomly initialised from `config.seed`)."""
     _check(train_source, test_source)
-    model = models.ViTClassifier(head, body, num_classes=train_source.num_classes)
+    model = models.ViTClassifier(head, body, num_classes=train_source.num_classes,
+                                 mean=config.data.mean, std=config.data.std)
     params = dict(model.init(jax.random.key(config.seed),
                              jnp.zeros((1, *train_source.image_shape)))["params"])
     if head_params is not None:
@@ -219,8 +220,7 @@ def evaluate_pretrained(config, head: models.ViTHead, head_params, body: models.
     if body_params is not None:
         params["body"] = body_params
     extract = functools.partial(token_features, model, params,
-                                batch_size=config.downstream.eval_batch_size,
-                                mean=config.data.mean, std=config.data.std)
+                                batch_size=config.downstream.eval_batch_size)
     feats = [extract(s.images) for s in (train_source, test_source)]
     return evaluate_features(config, name, *feats, train_source, test_source, head.patch_size)
 

@@ -31,11 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smsd_jax import accounting, baselines, consortium, data, distill, downstream, export, files
+from smsd_jax import baselines, consortium, cost, data, distill, downstream, export, files
 from smsd_jax import models, server, site
 from smsd_jax.errors import SMSDError
 from smsd_jax.layout import Layout
-from smsd_jax.study import summary as summary_tables
+from experiments import study_tables as summary_tables
 
 METHODS = ("smsd", "fedavg_dino", "centralized_dino", "finetune_only")
 POOLED = ("centralized_dino", "finetune_only")  # do not depend on how the sites split the data
@@ -96,7 +96,7 @@ def _server_step_flops(config, token_shape: tuple[int, int, int]) -> float:
                            jax.random.key(0))
     batch = jax.ShapeDtypeStruct((config.server.batch_size, *token_shape), jnp.float16)
     step = distill.make_distill_step(net, tx, schedules, config.server)
-    return accounting.compiled_flops(step, state, batch, jax.random.key(0))
+    return cost.compiled_flops(step, state, batch, jax.random.key(0))
 
 
 def _site_flops_per_image(config, head: models.ViTHead, head_params) -> float:
@@ -106,8 +106,7 @@ def _site_flops_per_image(config, head: models.ViTHead, head_params) -> float:
     encode = functools.partial(site.encode_batch, head, keep=config.site.keep,
                                mean=config.data.mean, std=config.data.std,
                                shuffle=config.site.permute)
-    return accounting.compiled_flops(encode, head_params, images,
-                                      site.image_keys(0, 0, 1))
+    return cost.compiled_flops(encode, head_params, images, site.image_keys(0, 0, 1))
 
 
 # ---------------------------------------------------------------- methods
@@ -131,14 +130,14 @@ def _run_smsd(config, run_dir: Path, train, parts) -> tuple:
     m = manifests[0]
     per_image = _site_flops_per_image(config, head, head_params)
     step_flops = _server_step_flops(config, (m["num_samples"], m["tokens"], m["dim"]))
-    body_bytes = accounting.folder_bytes(final["body"])
-    cost = dict(
-        upload_bytes_per_site=[accounting.folder_bytes(d) for d in payload_dirs],
+    body_bytes = cost.folder_bytes(final["body"])
+    spent = dict(
+        upload_bytes_per_site=[cost.folder_bytes(d) for d in payload_dirs],
         download_bytes_per_site=[body_bytes] * len(parts),
         client_flops_per_site=[per_image * len(idx) for idx in parts],
         server_flops=step_flops * final["steps"], images_seen=final["steps"] *
         config.server.batch_size, rounds=1, wall_s=wall)
-    return head, head_params, body, body_params, cost
+    return head, head_params, body, body_params, spent
 
 
 def _pretrained_cost(pre: baselines.Pretrained, rounds: int) -> dict:
@@ -168,9 +167,9 @@ def run_method(config, method: str, run_dir: Path, train, test) -> dict:
     """Pre-trains with `method`, evaluates downstream; returns the run's record."""
     parts = data.split_sites(train.labels, config.data, config.seed)
     if method == "smsd":
-        head, head_params, body, body_params, cost = _run_smsd(config, run_dir, train, parts)
+        head, head_params, body, body_params, spent = _run_smsd(config, run_dir, train, parts)
     else:
-        head, head_params, body, body_params, cost = _pretrain_baseline(config, method, train,
+        head, head_params, body, body_params, spent = _pretrain_baseline(config, method, train,
                                                                         parts)
     # Downstream always runs in float32, whatever the pre-training computed in.
     body = body.clone(dtype=jnp.float32)
@@ -179,7 +178,7 @@ def run_method(config, method: str, run_dir: Path, train, test) -> dict:
         config, head, head_params, body, body_params, train_source=train, test_source=test,
         name=f"{method} {config.data.partition} seed {config.seed}")
     return dict(method=method, partition=config.data.partition, seed=config.seed,
-                results=results, cost=cost, downstream_s=time.perf_counter() - start)
+                results=results, cost=spent, downstream_s=time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------- the plan
@@ -227,14 +226,21 @@ def _execute(config, run: dict, run_dir: Path, train, test) -> dict:
     return record
 
 
-def run_plan(runs: list[dict], root: Path, execute, name: str = "study") -> list[dict]:
+def run_plan(runs: list[dict], root: Path, execute, name: str = "study",
+             deadline_s: float = 0.0) -> list[dict]:
     """Runs each of `runs` (dicts with a "dir" under `root`) with `execute(run, run_dir)`,
     which returns the run's record; a run whose `run.json` exists is kept, so a stopped plan
-    resumes. Prints a line per run with its time and the ETA. Returns the records in order."""
+    resumes. Prints a line per run with its time and the ETA. `deadline_s` > 0: no run starts
+    after that many seconds (the plan resumes later). Returns the records of the runs done,
+    in order."""
     records, start, spent = [], time.perf_counter(), []
     for i, run in enumerate(runs):
         run_dir = root / run["dir"]
         done = run_dir / RUN_FILE
+        if not done.exists() and deadline_s and time.perf_counter() - start > deadline_s:
+            print(f"{name}: deadline of {deadline_s / 60:.0f} min reached; {run['dir']} and "
+                  "the runs after it are left for the next call", flush=True)
+            continue
         if done.exists():
             record = files.read_json(done)
             print(f"{name} [{i + 1}/{len(runs)}] {run['dir']}: done before, kept")
@@ -255,7 +261,7 @@ def run_plan(runs: list[dict], root: Path, execute, name: str = "study") -> list
 
 def run_study(config, workdir: Layout | str | Path) -> dict:
     """Runs (or resumes) every run of `plan(config)`; writes the results and figures."""
-    layout = workdir if isinstance(workdir, Layout) else Layout(workdir)
+    layout = Layout.of(workdir)
     train, test = data.load_source(config.data, "train"), data.load_source(config.data, "test")
     execute = lambda run, run_dir: dict(_execute(config, run, run_dir, train, test),
                                         ablation=run["ablation"])

@@ -24,8 +24,8 @@ from matplotlib.figure import Figure
 from smsd_jax import data, downstream, evaluation, files
 from smsd_jax.errors import SMSDError
 from smsd_jax.layout import Layout
-from smsd_jax.study import comparison
-from smsd_jax.study import summary as summary_tables
+from experiments import study as comparison
+from experiments import study_tables as summary_tables
 
 PRETRAINED = ("smsd", "centralized_dino", "fedavg_dino")
 NAMES = {"smsd": "SMSD (single round)", "centralized_dino": "centralized DINO",
@@ -88,7 +88,7 @@ def _execute(config, run: dict, run_dir: Path, train, test) -> dict:
 
 def run_curve(config, workdir: Layout | str | Path) -> dict:
     """Runs (or resumes) every run of `plan(config)`; writes the curve's JSON, table, figure."""
-    layout = workdir if isinstance(workdir, Layout) else Layout(workdir)
+    layout = Layout.of(workdir)
     train, test = data.load_source(config.data, "train"), data.load_source(config.data, "test")
     records = comparison.run_plan(plan(config), layout.root / "curve",
                                   lambda run, run_dir: _execute(config, run, run_dir, train,

@@ -646,7 +646,7 @@ def run_privacy(config, workdir: Layout | str | Path) -> dict:
         victim_split=p.victim_split, public_split=p.public_split, victim_images=p.num_victim,
         public_images=p.num_public, num_samples=ds.num_samples, flips=ds.flips),
         config=p.to_dict())
-    results = (workdir if isinstance(workdir, Layout) else Layout(workdir)).results
+    results = Layout.of(workdir).results
     written = [results / "privacy.json", results / "privacy.md"]
     for head in HEADS:
         written.append(files.save_figure(results / f"reconstructions_{head}.png",

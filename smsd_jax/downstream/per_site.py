@@ -1,4 +1,4 @@
-"""Each site on its own data (`--mode=sites`): the body that came back, at every site.
+"""Each site on its own data (`--mode=downstream_per_site`): the body that came back, at every site.
 
 After a single round (`--mode=simulate`, or the stages one by one), every site holds out a
 share of its own images (`config.downstream.site_test_fraction` of each class, drawn with
@@ -19,7 +19,10 @@ import time
 
 import numpy as np
 
-from smsd_jax import data, downstream, evaluation, export, files
+from smsd_jax import data, evaluation, export, files
+from smsd_jax.downstream.probes import validation_split
+from smsd_jax.downstream.protocol import evaluate_body, evaluate_pixels
+from smsd_jax.downstream.stage import at_site
 from smsd_jax.errors import SMSDError
 from smsd_jax.layout import Layout
 
@@ -35,7 +38,7 @@ def site_split(labels: np.ndarray, part: np.ndarray, fraction: float, seed: int,
     `fraction` of each of its classes held out (`downstream.validation_split`)."""
     if not 0.0 < fraction < 1.0:
         raise SMSDError(f"config.downstream.site_test_fraction={fraction} must be in (0, 1)")
-    pool, held = downstream.validation_split(labels[part], fraction,
+    pool, held = validation_split(labels[part], fraction,
                                              seed + _LOCAL_STREAM * (site + 1))
     return np.sort(part[pool]), np.sort(part[held])
 
@@ -101,8 +104,8 @@ def evaluate_sites(config, layout: Layout) -> dict:
     raw pixels), on its own data; writes `results/sites.json` and `sites.md`."""
     train, test = data.load_source(config.data, "train"), data.load_source(config.data, "test")
     if data.is_segmentation(train):
-        raise SMSDError("--mode=sites reports classification; segmentation runs through "
-                        "--mode=downstream")
+        raise SMSDError("--mode=downstream_per_site reports classification; segmentation runs "
+                        "through --mode=downstream")
     parts, _ = data.load_partition(layout.partition)
     trained_body, trained, _ = export.load_body(layout.body)
     fraction = config.downstream.site_test_fraction
@@ -112,11 +115,11 @@ def evaluate_sites(config, layout: Layout) -> dict:
         where = dict(candidates=pool, local_idx=held)
         print(f"site {k}: {len(part)} images, {len(held)} held out for its own test",
               flush=True)
-        results = [downstream.evaluate_pixels(config, train, test, f"site {k} raw pixels",
+        results = [evaluate_pixels(config, train, test, f"site {k} raw pixels",
                                               **where)]
-        head_dir, body, params = downstream.at_site(config, layout, trained_body, trained, k)
+        head_dir, body, params = at_site(config, layout, trained_body, trained, k)
         for name, body_params in (("random body", None), ("SMSD body", params)):
-            results.append(downstream.evaluate_body(config, head_dir, body, body_params,
+            results.append(evaluate_body(config, head_dir, body, body_params,
                                                     train_source=train, test_source=test,
                                                     name=f"site {k} {name}", **where))
         for r, name in zip(results, ("raw pixels", "random body", "SMSD body")):

@@ -1,6 +1,6 @@
 """Per-site heads, measured: what they cost in accuracy, and what one leaked head reveals.
 
-    python -m launch.main --config=configs/per_site_heads.py --mode=heads   # resumes
+    python -m launch.main --config=configs/per_site_heads.py --mode=per_site_heads   # resumes
 
 Two single rounds on the same data with the same budget and seeds (`simulate`): one head
 shared by every site (the default), and a head of its own at every site
@@ -37,7 +37,8 @@ from smsd_jax import consortium, data, downstream, export, files, models, ops, p
 from smsd_jax import site
 from smsd_jax.errors import SMSDError
 from smsd_jax.layout import Layout
-from smsd_jax.privacy import attacks, audit
+from smsd_jax.privacy import attacks
+from experiments import privacy_audit as audit
 
 ROUNDS = {"shared": False, "per_site": True}  # round name -> config.model.per_site_heads
 ATTACKS = ("direct", "through_stems")
@@ -182,7 +183,7 @@ def _accuracies(row: dict) -> dict:
 def run_site_heads(config, workdir: Layout | str) -> dict:
     """Both rounds (each resumed if its `results/simulate.json` exists), their accuracies and
     their leaks; writes `results/per_site_heads.{json,md,png}` of `workdir`."""
-    layout = workdir if isinstance(workdir, Layout) else Layout(workdir)
+    layout = Layout.of(workdir)
     public, summary = _public(config), dict(config=config.heads.to_dict(), rounds={})
     for name, per_site in ROUNDS.items():
         run_config = config.copy_and_resolve_references()

@@ -29,8 +29,9 @@ from matplotlib.figure import Figure
 from smsd_jax import data, files, models, ops
 from smsd_jax.errors import SMSDError
 from smsd_jax.layout import Layout
-from smsd_jax.privacy import accountant, audit
-from smsd_jax.study import comparison
+from smsd_jax.privacy import dp_accountant
+from experiments import privacy_audit as audit
+from experiments import study as comparison
 
 PRIVACY_FILE = "privacy.json"
 
@@ -153,7 +154,7 @@ def _privacy(config, run: dict, run_dir: Path, prepared) -> dict:
 
 def run_frontier(config, workdir: Layout | str | Path) -> dict:
     """Runs (or resumes) every setting's utility run and attacks; writes the frontier."""
-    layout = workdir if isinstance(workdir, Layout) else Layout(workdir)
+    layout = Layout.of(workdir)
     root = layout.root / "frontier"
     runs = plan(config)
     train, test = data.load_source(config.data, "train"), data.load_source(config.data, "test")
@@ -185,7 +186,7 @@ def summarize(config, records: list[dict], attacked: list[dict]) -> dict:
         c = setting_config(config, record["overrides"])
         k = ops.num_kept((config.data.image_size // c.model.patch_size) ** 2, c.site.keep)
         secret, public = privacy["rows"]["secret"], privacy["rows"]["public"]
-        epsilon = (accountant.image_epsilon(c.site.dp_delta, c.site.dp_noise_multiplier, k,
+        epsilon = (dp_accountant.image_epsilon(c.site.dp_delta, c.site.dp_noise_multiplier, k,
                                             c.site.num_samples) if c.site.dp_clip > 0 else None)
         points.append(dict(
             name=record["name"], overrides=record["overrides"], token_width=privacy["point"]["dim"],

@@ -24,8 +24,8 @@ The tight (epsilon, delta) of a Gaussian mechanism is the closed form of Balle a
 
 `epsilon(delta)` inverts it by bisection (it decreases in epsilon).
 
-    from smsd_jax.privacy import accountant
-    accountant.image_epsilon(1e-5, noise_multiplier=20, tokens=24, samples=2)
+    from smsd_jax.privacy import dp_accountant
+    dp_accountant.image_epsilon(1e-5, noise_multiplier=20, tokens=24, samples=2)
 """
 
 from __future__ import annotations
