@@ -1,0 +1,232 @@
+"""The recipe for the CPU budgets (`--mode=recipe`): single-change ablations from a reference.
+
+    python -m launch.main --config=configs/recipe_fashion.py --mode=recipe   # resumes
+
+Every setting of `config.recipe.settings` is a name and config overrides ("model.init=lecun"),
+each applied alone to the reference (the first setting, usually no override). Each runs the
+whole single round at the reference's seed (`study.seeded`: the same data split, keys and
+label subsets) and probes the teacher body: linear probe and k-NN at
+`downstream.label_fractions`, fine-tuning at `downstream.finetune_fractions`. A setting named
+in `config.recipe.equal_compute` costs more (or less) per step than the reference: its server
+epochs are scaled by the ratio of the compiled steps' FLOPs, so that it gets the reference's
+compute, not its step count. Beside them: raw pixels, and the random body of every
+`model.init` among the settings (the gain each setting is read against), and for the
+reference the linear probe on the old feature (the final class token) beside DINO's. The
+reference and the random bodies are also fine-tuned; the other settings are probed only.
+
+Each run is a folder with its `run.json` (`study.run_plan`), so a stopped recipe resumes;
+`config.recipe.deadline_minutes` starts no run after that long, and the results then hold the
+runs done so far. Writes `WORKDIR/results/recipe.{json,md,png}`.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import frontier, study
+from smsd_jax import data, downstream, export, files, models, report
+from smsd_jax.errors import SMSDError
+from smsd_jax.layout import Layout
+
+
+
+def probes(config) -> list[tuple[str, str]]:
+    """(probe, fraction key) of every frozen-feature result: linear and k-NN at each of
+    `config.downstream.label_fractions`."""
+    return [(p, downstream.protocol.result_key(f)) for p in ("linear", "knn")
+            for f in config.downstream.label_fractions]
+
+
+def step_flops(config) -> float:
+    """XLA's FLOPs of one server step of `config` (its payload shape from `config.site`)."""
+    k = int(config.site.keep * (config.data.image_size // config.model.patch_size) ** 2)
+    shape = (config.site.num_samples, k, models.token_width(config))
+    return study._server_step_flops(config, shape)
+
+
+def setting(config, overrides: str, equal_compute: bool):
+    """The reference `config` with `overrides`, and with `equal_compute` its server epochs
+    scaled to the reference's compute."""
+    c = frontier.setting_config(config, overrides)
+    if equal_compute:
+        ratio = step_flops(config) / step_flops(c)
+        with c.unlocked():
+            c.server.epochs = float(config.server.epochs * ratio)
+    return c
+
+
+def plan(config) -> list[dict]:
+    """The recipe's runs, `{"kind", "name", "overrides", "dir"}`: the reference (`kind`
+    "smsd"), raw pixels and the random body of its init, then each other setting, followed by
+    the random body of its init when no setting before it had that init."""
+    r = config.recipe
+    names = [name for name, _ in r.settings]
+    if len(set(names)) != len(names):
+        raise SMSDError(f"config.recipe.settings repeats a name: {names}")
+    unknown = set(r.equal_compute) - set(names)
+    if unknown:
+        raise SMSDError(f"config.recipe.equal_compute names {sorted(unknown)}, which "
+                        "config.recipe.settings does not have")
+    runs, inits = [], set()
+    for i, (name, overrides) in enumerate(r.settings):
+        init = frontier.setting_config(config, overrides).model.init  # fails early if bad
+        runs.append(dict(kind="smsd", name=name, overrides=overrides, dir=name))
+        if i == 0:
+            runs.append(dict(kind="pixels", name="raw pixels", overrides="", dir="raw_pixels"))
+        if init not in inits:
+            inits.add(init)
+            runs.append(dict(kind="random", name=f"random body ({init} init)",
+                             overrides=overrides, head_from=name, dir=f"random_{init}"))
+    return runs
+
+
+def _probes_only(c):
+    c = copy.deepcopy(c)
+    with c.unlocked():
+        c.downstream.finetune_fractions = ()
+    return c
+
+
+def _execute(config, run: dict, root: Path, train, test) -> dict:
+    r = config.recipe
+    base = study.seeded(config, r.seed, r.partition)
+    c = setting(base, run["overrides"], run["name"] in r.equal_compute)
+    if run["kind"] == "pixels":
+        return dict(name=run["name"], results=downstream.evaluate_pixels(c, train, test))
+    if run["kind"] == "random":
+        head_dir = Layout(root / run["head_from"]).head
+        if not head_dir.exists():
+            raise SMSDError(f"{head_dir} is missing: the random body is probed with the head "
+                            f"of run {run['head_from']!r}, which runs first")
+        body = models.body_from_config(c)
+        results = downstream.evaluate_body(c, head_dir, body, None, train_source=train,
+                                           test_source=test, name=run["name"])
+        return dict(name=run["name"], init=c.model.init, results=results)
+    reference = run["name"] == r.settings[0][0]
+    record = study.run_method(c if reference else _probes_only(c), "smsd", root / run["dir"],
+                              train, test)
+    record.update(name=run["name"], overrides=run["overrides"], init=c.model.init,
+                  epochs=float(c.server.epochs), steps=int(record["cost"]["images_seen"]
+                                                           // c.server.batch_size))
+    if reference:  # the old linear feature beside DINO's
+        old = _probes_only(c)
+        with old.unlocked():
+            old.downstream.linear_features = "cls"
+        layout = Layout(root / run["dir"])
+        body, params, _ = export.load_body(layout.body)
+        record["old_feature"] = downstream.evaluate_body(
+            old, layout.head, body.clone(dtype=jnp.float32), params, train_source=train,
+            test_source=test, name=f"{run['name']}, linear on the final class token")
+    return record
+
+
+def _cell(results: dict, probe: str, fraction: str) -> float:
+    entry = results.get(probe, {}).get(fraction)
+    return float("nan") if entry is None else 100 * entry["accuracy"]
+
+
+def summarise(config, records: list[dict]) -> dict:
+    """Each setting's accuracies, time and gain over the random body of its init."""
+    frozen = probes(config)
+    random = {r["init"]: r["results"] for r in records if r["name"].startswith("random body")}
+    pixels = next((r["results"] for r in records if r["name"] == "raw pixels"), {})
+    rows = []
+    for r in records:
+        if "overrides" not in r:
+            continue
+        res, own = r["results"], random.get(r["init"])
+        rows.append(dict(
+            name=r["name"], overrides=r["overrides"], epochs=r["epochs"], steps=r["steps"],
+            wall_s=r["cost"]["wall_s"], server_tflop=r["cost"]["server_flops"] / 1e12,
+            probes={f"{p} {f}": _cell(res, p, f) for p, f in frozen},
+            finetune={f: 100 * m["accuracy"] for f, m in res.get("finetune", {}).items()},
+            gain_over_random=None if own is None else {
+                f"{p} {f}": _cell(res, p, f) - _cell(own, p, f) for p, f in frozen},
+            old_feature=None if "old_feature" not in r else {
+                f"{p} {f}": _cell(r["old_feature"], p, f) for p, f in frozen if p == "linear"}))
+    baselines = {"raw pixels": {f"{p} {f}": _cell(pixels, p, f) for p, f in frozen}} \
+        if pixels else {}
+    for init, res in random.items():
+        baselines[f"random body ({init} init)"] = dict(
+            {f"{p} {f}": _cell(res, p, f) for p, f in frozen},
+            **{f"finetune {f}": 100 * m["accuracy"] for f, m in res.get("finetune", {}).items()})
+    return dict(seed=config.recipe.seed, partition=config.recipe.partition,
+                probes=[f"{p} {f}" for p, f in frozen],
+                reference=rows[0]["name"] if rows else None, rows=rows, baselines=baselines)
+
+
+def _title(key: str) -> str:
+    probe, fraction = key.split()
+    return f"{probe} {100 * float(fraction):g}%"
+
+
+def markdown(summary: dict) -> str:
+    keys = summary["probes"]
+    tuned = sorted({f for r in summary["rows"] for f in r["finetune"]}, key=float)
+    head = ("| setting | overrides | epochs | round min | " + " | ".join(map(_title, keys))
+            + "".join(f" | fine-tune {100 * float(f):g}%" for f in tuned)
+            + " | min gain over random |")
+    lines = [f"# Recipe: single changes from `{summary['reference']}` (seed {summary['seed']}, "
+             f"{summary['partition']} sites)", "", head,
+             "|---" * (5 + len(keys) + len(tuned)) + "|"]
+    nan = float("nan")
+    for r in summary["rows"]:
+        gains = r["gain_over_random"]
+        cells = " | ".join(f"{r['probes'][k]:.1f}" for k in keys)
+        tunes = "".join(f" | {r['finetune'].get(f, nan):.1f}" for f in tuned)
+        lines.append(f"| {r['name']} | `{r['overrides'] or '-'}` | {r['epochs']:.2f} | "
+                     f"{r['wall_s'] / 60:.1f} | {cells}{tunes} | "
+                     f"{min(gains.values()) if gains else nan:+.1f} |")
+    for name, cells in summary["baselines"].items():
+        probe_cells = " | ".join(f"{cells[k]:.1f}" for k in keys)
+        tunes = "".join(f" | {cells.get(f'finetune {f}', nan):.1f}" for f in tuned)
+        lines.append(f"| {name} | | | | {probe_cells}{tunes} | |")
+    for r in summary["rows"]:
+        if r["old_feature"]:
+            lines += ["", f"Linear probe of `{r['name']}` on the final class token (the old "
+                      f"feature) instead of DINO's: " + ", ".join(
+                          f"{_title(k)} {v:.1f}" for k, v in r["old_feature"].items()) + "."]
+    lines += ["", "Accuracy (%) on the test images; 'min gain over random' is the smallest "
+              "gain of the frozen probes over the random body of the same init; round min is "
+              "the single round's wall time (sites and server) on this machine."]
+    return "\n".join(lines) + "\n"
+
+
+def figure(summary: dict):
+    fig = report.new_figure(figsize=(max(6.0, 0.9 * len(summary["rows"]) + 2), 4.5))
+    ax = fig.subplots()
+    names = [r["name"] for r in summary["rows"]]
+    x = np.arange(len(names))
+    keys = summary["probes"]
+    width = 0.8 / len(keys)
+    for i, key in enumerate(keys):
+        ax.bar(x + (i - (len(keys) - 1) / 2) * width, [r["probes"][key] for r in summary["rows"]],
+               width, label=_title(key))
+    largest = max((k for k in keys if k.startswith("linear")), key=lambda k: float(k.split()[1]))
+    for name, cells in summary["baselines"].items():
+        ax.axhline(cells[largest], linestyle="--", linewidth=1,
+                   color="black" if name == "raw pixels" else "gray",
+                   label=f"{name}, {_title(largest)}")
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("single-change ablations of the CPU recipe")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def run_recipe(config, workdir: Layout | str | Path) -> dict:
+    """Runs (or resumes) every run of `plan(config)`; writes results/recipe.*."""
+    layout = Layout.of(workdir)
+    root = layout.root / "recipe"
+    train, test = data.load_source(config.data, "train"), data.load_source(config.data, "test")
+    records = study.run_plan(plan(config), root,
+                             lambda run, run_dir: _execute(config, run, root, train, test),
+                             name="recipe", deadline_s=60 * config.recipe.deadline_minutes)
+    summary = summarise(config, records)
+    files.write_results(layout.results, "recipe", summary, markdown(summary), figure(summary))
+    return summary

@@ -1,0 +1,74 @@
+"""The recipe's ablations (`--mode=recipe`) on Fashion-MNIST at the tests' size, through the
+real command line: every setting, its random body and raw pixels, equal compute, resume."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from configs import recipe_fashion
+from experiments import recipe
+from smsd_jax.errors import SMSDError
+from tests.test_pipeline import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("recipe")
+    cmd = [sys.executable, "-m", "launch.main", "--config=configs/recipe_fashion.py:tiny",
+           "--mode=recipe", f"--workdir={workdir}"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+    again = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+    return workdir, again.stdout
+
+
+def test_every_setting_is_probed_beside_its_own_random_body(run):
+    workdir, _ = run
+    summary = json.loads((workdir / "results" / "recipe.json").read_text())
+    assert [r["name"] for r in summary["rows"]] == ["reference", "lecun", "local4"]
+    assert set(summary["baselines"]) == {"raw pixels", "random body (dino init)",
+                                         "random body (lecun init)"}
+    fractions = recipe_fashion.get_config("tiny").downstream.label_fractions
+    keys = {f"{p} {f:g}" for p in ("linear", "knn") for f in fractions}
+    assert set(summary["probes"]) == keys
+    for row in summary["rows"]:
+        assert set(row["probes"]) == keys
+        assert all(0 <= v <= 100 for v in row["probes"].values())
+        assert set(row["gain_over_random"]) == set(row["probes"])
+    reference = summary["rows"][0]
+    assert reference["finetune"] and not summary["rows"][1]["finetune"]
+    assert set(reference["old_feature"]) == {k for k in keys if k.startswith("linear")}
+    # DINO's linear feature (the last blocks' class tokens) is not the final class token.
+    assert reference["old_feature"] != {k: reference["probes"][k] for k in reference["old_feature"]}
+    text = (workdir / "results" / "recipe.md").read_text()
+    assert "model.init=lecun" in text and "final class token" in text
+    assert (workdir / "results" / "recipe.png").stat().st_size > 10_000
+
+
+def test_a_costlier_step_gets_fewer_epochs_for_the_same_compute(run):
+    workdir, _ = run
+    rows = {r["name"]: r for r in json.loads(
+        (workdir / "results" / "recipe.json").read_text())["rows"]}
+    reference, local4 = rows["reference"], rows["local4"]
+    assert local4["epochs"] < reference["epochs"]  # 4 local views cost more than 2
+    ratio = local4["server_tflop"] / reference["server_tflop"]
+    assert ratio == pytest.approx(1.0, abs=0.25)  # whole steps: within a step's rounding
+
+
+def test_a_stopped_recipe_resumes_without_running_again(run):
+    _, stdout = run
+    assert stdout.count("done before, kept") == 6  # 3 settings, raw pixels, 2 random bodies
+
+
+def test_a_bad_setting_is_refused_before_anything_runs():
+    config = recipe_fashion.get_config("tiny")
+    config.recipe.equal_compute = ("nowhere",)
+    with pytest.raises(SMSDError, match="equal_compute names"):
+        recipe.plan(config)
+    config.recipe.equal_compute = ()
+    config.recipe.settings = (("reference", ""), ("bad", "server.no_such_key=1"))
+    with pytest.raises(SMSDError, match="no_such_key"):
+        recipe.plan(config)
