@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +128,19 @@ def test_comparisons_keep_the_tables_order_after_json():
     assert lines == tables.comparison_lines(built)
     assert [line.split(", ")[1].split(":")[0] for line in lines] == [
         "smsd - fedavg_dino", "smsd - centralized_dino", "smsd - finetune_only"]
+
+
+def test_a_plan_starts_no_run_after_its_deadline_and_resumes_later(tmp_path):
+    runs = [dict(dir=f"run{i}") for i in range(3)]
+    calls = []
+
+    def execute(run, run_dir):
+        calls.append(run["dir"])
+        time.sleep(0.2)
+        return dict(name=run["dir"])
+
+    first = comparison.run_plan(runs, tmp_path, execute, deadline_s=0.1)
+    assert calls == ["run0"] and [r["name"] for r in first] == ["run0"]
+    again = comparison.run_plan(runs, tmp_path, execute)
+    assert calls == ["run0", "run1", "run2"]  # run0 kept from its run.json
+    assert [r["name"] for r in again] == ["run0", "run1", "run2"]
