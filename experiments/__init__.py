@@ -8,6 +8,7 @@ configs/ and benchmarks/ are; the installed package `smsd_jax` holds the method 
     frontier.py         --mode=frontier        accuracy beside the attacks, per privacy setting
     per_site_heads.py   --mode=per_site_heads  per-site heads against one shared head
     recipe.py           --mode=recipe          single-change ablations of the CPU recipe
+    results_doc.py      (python -m)            docs/results.md's tables, from results/*.md
 
 Each mode's runner is imported when it runs, so `--help` answers without loading JAX.
 """
