@@ -159,6 +159,17 @@ def summarise(config, records: list[dict]) -> dict:
                 reference=rows[0]["name"] if rows else None, rows=rows, baselines=baselines)
 
 
+def _num(value: float, sign: bool = False) -> str:
+    """A table cell: one decimal, or "-" for a value not measured."""
+    return "-" if np.isnan(value) else f"{value:+.1f}" if sign else f"{value:.1f}"
+
+
+def _baselines(summary: dict) -> list[tuple[str, dict]]:
+    """The baselines in the tables' order, also from JSON (whose keys come sorted): raw
+    pixels, then the random bodies by name."""
+    return sorted(summary["baselines"].items(), key=lambda kv: (kv[0] != "raw pixels", kv[0]))
+
+
 def _title(key: str) -> str:
     probe, fraction = key.split()
     return f"{probe} {100 * float(fraction):g}%"
@@ -176,14 +187,14 @@ def markdown(summary: dict) -> str:
     nan = float("nan")
     for r in summary["rows"]:
         gains = r["gain_over_random"]
-        cells = " | ".join(f"{r['probes'][k]:.1f}" for k in keys)
-        tunes = "".join(f" | {r['finetune'].get(f, nan):.1f}" for f in tuned)
+        cells = " | ".join(_num(r["probes"][k]) for k in keys)
+        tunes = "".join(f" | {_num(r['finetune'].get(f, nan))}" for f in tuned)
         lines.append(f"| {r['name']} | `{r['overrides'] or '-'}` | {r['epochs']:.2f} | "
                      f"{r['wall_s'] / 60:.1f} | {cells}{tunes} | "
-                     f"{min(gains.values()) if gains else nan:+.1f} |")
-    for name, cells in summary["baselines"].items():
-        probe_cells = " | ".join(f"{cells[k]:.1f}" for k in keys)
-        tunes = "".join(f" | {cells.get(f'finetune {f}', nan):.1f}" for f in tuned)
+                     f"{_num(min(gains.values()) if gains else nan, sign=True)} |")
+    for name, cells in _baselines(summary):
+        probe_cells = " | ".join(_num(cells[k]) for k in keys)
+        tunes = "".join(f" | {_num(cells.get(f'finetune {f}', nan))}" for f in tuned)
         lines.append(f"| {name} | | | | {probe_cells}{tunes} | |")
     for r in summary["rows"]:
         if r["old_feature"]:
@@ -207,7 +218,7 @@ def figure(summary: dict):
         ax.bar(x + (i - (len(keys) - 1) / 2) * width, [r["probes"][key] for r in summary["rows"]],
                width, label=_title(key))
     largest = max((k for k in keys if k.startswith("linear")), key=lambda k: float(k.split()[1]))
-    for name, cells in summary["baselines"].items():
+    for name, cells in _baselines(summary):
         ax.axhline(cells[largest], linestyle="--", linewidth=1,
                    color="black" if name == "raw pixels" else "gray",
                    label=f"{name}, {_title(largest)}")
