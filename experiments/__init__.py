@@ -3,7 +3,8 @@ configs/ and benchmarks/ are; the installed package `smsd_jax` holds the method 
 
     study.py            --mode=study           SMSD against fine-tune only, FedAvg-DINO and
                                                centralized DINO (study_tables.py: its tables)
-    curve.py            --mode=curve           the learning curve: probes at growing budgets
+    curve.py            --mode=curve           the learning curve: one long run, probed at
+                                               its checkpoints
     privacy_audit.py    --mode=privacy         every attack on payloads, setting by setting
     frontier.py         --mode=frontier        accuracy beside the attacks, per privacy setting
     per_site_heads.py   --mode=per_site_heads  per-site heads against one shared head
@@ -28,7 +29,7 @@ def _runner(module: str, function: str):
 MODES = {
     "study": ("SMSD against fine-tune only, FedAvg-DINO and centralized DINO (config.study)",
               _runner("study", "run_study")),
-    "curve": ("the learning curve: probes of each method at increasing pre-training budgets "
+    "curve": ("the learning curve: one long single round, its teacher probed at checkpoints "
               "(config.curve)", _runner("curve", "run_curve")),
     "privacy": ("attacks of an honest-but-curious server on payloads (config.privacy)",
                 _runner("privacy_audit", "run_privacy")),

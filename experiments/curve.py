@@ -1,175 +1,231 @@
-"""The learning curve (`--mode=curve`): when does the single round pay, and does it track
-centralized DINO?
+"""The learning curve (`--mode=curve`): one long single round, its teacher probed at
+checkpoints. When does SMSD pay on this machine?
 
-Each method pre-trains the same ViT for each budget of `config.curve.budgets` epochs of
-images seen (a full schedule per budget: warm-up, cosine decay and the teacher's momentum
-reach their ends at that budget, as a run of that length would), then its teacher is probed
-at the site: linear probe and k-NN at `config.downstream.label_fractions`. Matched images
-seen: SMSD's server and centralized DINO run `budget` epochs of the pooled images,
-FedAvg-DINO `budget` rounds of one local epoch. Beside them, on the same labels: raw pixels,
-the random (untrained) body, and fine-tune only trained to convergence.
+    python -m launch.main --config=configs/curve_fashion.py --mode=curve   # resumes
 
-Every run is one folder with a `run.json` (`comparison.run_plan`), so a stopped curve
-resumes. Writes `WORKDIR/results/curve.json`, `curve.md` and `curve.png`.
+The sites encode once. The server runs one schedule of `config.server.epochs` epochs (warm-up,
+cosine decay and the teacher's momentum reach their ends there) and stops at each of
+`config.curve.probe_epochs`: a checkpoint and the teacher's export at that step, kept in the
+probe's folder. Each stop's teacher is probed at the site with the downstream protocol
+(linear probe and k-NN at `downstream.label_fractions`, fine-tuning at
+`downstream.finetune_fractions`), labels and fine-tuning seeded by the first of
+`config.curve.seeds`; the last stop again for each further seed. Beside it, on the same
+labels: raw pixels, and for each seed the random body of the same init, probed and
+fine-tuned to convergence (fine-tune only).
+
+Every probe is a folder with its `run.json` (`study.run_plan`), and the server resumes from
+its checkpoints, so a stopped curve resumes where it was. The results
+(`WORKDIR/results/curve.{json,md,png}`) are written again after every probe, so a curve still
+running has its early points.
 """
 
 from __future__ import annotations
 
 import copy
+import shutil
+import time
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
-from matplotlib.figure import Figure
 
-from smsd_jax import data, downstream, evaluation, files
+from experiments import study
+from experiments import study_tables as tables
+from smsd_jax import consortium, data, downstream, evaluation, export, files, models, report
+from smsd_jax import server, site
 from smsd_jax.errors import SMSDError
 from smsd_jax.layout import Layout
-from experiments import study as comparison
-from experiments import study_tables as summary_tables
 
-PRETRAINED = ("smsd", "centralized_dino", "fedavg_dino")
-NAMES = {"smsd": "SMSD (single round)", "centralized_dino": "centralized DINO",
-         "fedavg_dino": "FedAvg-DINO", "raw_pixels": "raw pixels",
-         "random_body": "random body", "finetune_only": "fine-tune only (converged)"}
 JSON, MARKDOWN, PNG = "curve.json", "curve.md", "curve.png"
+PROBES = ("linear", "knn", "finetune")
 
 
 # ---------------------------------------------------------------- the plan
 
 
 def plan(config) -> list[dict]:
-    """Every run of the curve, in order: the references (cheap), then the pre-trained methods
-    at each budget and seed, the cheapest budget first, so that a stopped curve has its
-    references and its early points."""
+    """The curve's runs in order, `{"kind", "seed", "epochs", "dir"}`: raw pixels, the random
+    body of each seed (its probes and fine-tune only), the teacher at each probe epoch
+    (first seed), then the last epoch's teacher for each further seed."""
     s = config.curve
-    for method in s.methods:
-        if method not in PRETRAINED:
-            raise SMSDError(f"config.curve.methods has {method!r}; use any of {PRETRAINED}")
-    runs = []
-    for seed in s.baseline_seeds:
-        runs.append(dict(kind="pixels", method="raw_pixels", seed=seed, budget=0,
-                         dir=f"raw_pixels/seed{seed}"))
-        runs.append(dict(kind="finetune_only", method="finetune_only", seed=seed, budget=0,
-                         dir=f"finetune_only/seed{seed}"))
-    for budget in sorted(s.budgets):
-        for method in s.methods:
-            for seed in (s.smsd_seeds if method == "smsd" else s.baseline_seeds):
-                runs.append(dict(kind="method", method=method, seed=seed, budget=budget,
-                                 dir=f"{method}/seed{seed}/epochs{budget:g}"))
+    epochs = sorted(float(e) for e in s.probe_epochs)
+    if not epochs or epochs[0] <= 0 or epochs[-1] > config.server.epochs:
+        raise SMSDError(f"config.curve.probe_epochs={tuple(s.probe_epochs)} must lie in "
+                        f"(0, config.server.epochs={config.server.epochs}]")
+    if not s.seeds:
+        raise SMSDError("config.curve.seeds is empty; give at least one seed, e.g. (0,)")
+    first, *more = s.seeds
+    runs = [dict(kind="pixels", seed=first, epochs=0.0, dir="raw_pixels")]
+    runs += [dict(kind="random", seed=seed, epochs=0.0, dir=f"random_body/seed{seed}")
+             for seed in s.seeds]
+    runs += [dict(kind="smsd", seed=first, epochs=e, dir=f"smsd/epochs{e:g}") for e in epochs]
+    runs += [dict(kind="smsd", seed=seed, epochs=epochs[-1], dir=f"smsd/epochs{epochs[-1]:g}"
+                  f"_seed{seed}") for seed in more]
     return runs
 
 
-def budget_config(config, budget: float):
-    """`config` pre-training for `budget` epochs of images seen, probing only (no fine-tune)."""
+def stop_step(config, num_images: int, epochs: float) -> int:
+    """The server step after `epochs` epochs of `num_images` images (the server's own count:
+    whole batches an epoch)."""
+    return max(1, int(round(epochs * (num_images // config.server.batch_size))))
+
+
+def _probe_config(config, seed: int):
+    """`config` with the downstream protocol seeded by `seed` (labels, tail, order; the random
+    body's init); the data split, keys and server keep `config.seed`."""
     c = copy.deepcopy(config)
     with c.unlocked():
-        c.server.epochs = float(budget)
-        c.baselines.update(rounds=int(budget), local_epochs=1.0)
-        c.downstream.finetune_fractions = ()
+        c.seed = seed
     return c
 
 
-def _execute(config, run: dict, run_dir: Path, train, test) -> dict:
-    c = comparison.seeded(config, run["seed"], config.curve.partition)
+def _encode(config, layout: Layout, train) -> list[Path]:
+    """Every site's payload of the curve's one single round (resumes; done: reads only)."""
+    if not layout.head.exists():
+        consortium.init_head(config, layout.head, secret_seed=config.consortium_seed)
+    parts = data.split_sites(train.labels, config.data, config.seed)
+    dirs = [layout.payload(k) for k in range(len(parts))]
+    for k, idx in enumerate(parts):
+        site.run_site(config, k, train, idx, layout.head, dirs[k],
+                      secret_seed=config.site.secret_seed + k)
+    return dirs
+
+
+def _teacher_at(config, layout: Layout, train, epochs: float, keep: Path) -> dict:
+    """Runs the server on to `epochs` and copies the teacher's export there to `keep`
+    (written under a temporary name, then renamed); returns the server's summary."""
+    num_images = data.subset_size(config.data, len(train))
+    start = time.perf_counter()
+    final = server.run_server(config, _encode(config, layout, train), layout,
+                              stop_at_step=stop_step(config, num_images, epochs))
+    partial = keep.with_name(keep.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(final["body"], partial)
+    shutil.rmtree(keep, ignore_errors=True)
+    partial.rename(keep)
+    return dict(step=final["step"], steps=final["steps"], loss=final.get("loss"),
+                teacher_entropy=final.get("teacher_entropy"),
+                server_s=time.perf_counter() - start)
+
+
+def _execute(config, run: dict, run_dir: Path, layout: Layout, train, test) -> dict:
+    c = _probe_config(config, run["seed"])
+    record = dict(kind=run["kind"], seed=run["seed"], epochs=run["epochs"])
     if run["kind"] == "pixels":
-        record = dict(results=downstream.evaluate_pixels(c, train, test), cost=None)
-    elif run["kind"] == "finetune_only":  # its probes are the random body's
-        with c.unlocked():
-            c.downstream.finetune_fractions = tuple(c.downstream.label_fractions)
-        record = comparison.run_method(c, "finetune_only", run_dir, train, test)
+        return dict(record, results=downstream.evaluate_pixels(c, train, test))
+    if run["kind"] == "random":
+        if not layout.head.exists():
+            consortium.init_head(config, layout.head, secret_seed=config.consortium_seed)
+        results = downstream.evaluate_body(c, layout.head, models.body_from_config(c), None,
+                                           train_source=train, test_source=test,
+                                           name=f"random body, seed {run['seed']}")
+        return dict(record, results=results)
+    body_dir = run_dir / "body"
+    if body_dir.exists():  # the server reached this stop before the probe was cut short
+        server_record = files.read_json(run_dir / "server.json")
     else:
-        if int(run["budget"]) != run["budget"] and run["method"] == "fedavg_dino":
-            raise SMSDError(f"config.curve.budgets has {run['budget']}: FedAvg-DINO needs whole"
-                            " epochs (rounds of one local epoch)")
-        record = comparison.run_method(budget_config(c, run["budget"]), run["method"], run_dir,
-                                       train, test)
-    return dict(record, method=run["method"], seed=run["seed"], budget=run["budget"])
+        server_record = _teacher_at(config, layout, train, run["epochs"], body_dir)
+        files.write_json(run_dir / "server.json", server_record)
+    body, params, _ = export.load_body(body_dir)
+    results = downstream.evaluate_body(
+        c, layout.head, body.clone(dtype=jnp.float32), params, train_source=train,
+        test_source=test, name=f"SMSD at {run['epochs']:g} epochs, seed {run['seed']}")
+    return dict(record, results=results, server=server_record)
 
 
 def run_curve(config, workdir: Layout | str | Path) -> dict:
-    """Runs (or resumes) every run of `plan(config)`; writes the curve's JSON, table, figure."""
+    """Runs (or resumes) every run of `plan(config)`, writing the curve's JSON, table and
+    figure after each; returns the summary."""
     layout = Layout.of(workdir)
     train, test = data.load_source(config.data, "train"), data.load_source(config.data, "test")
-    records = comparison.run_plan(plan(config), layout.root / "curve",
-                                  lambda run, run_dir: _execute(config, run, run_dir, train,
-                                                                test), name="curve")
-    summary = summarize(config, records)
-    files.write_results(layout.results, "curve", summary, markdown(summary), figure(summary))
-    return summary
+    runs = plan(config)
+
+    def write(records: list[dict]) -> dict:
+        summary = summarize(config, records)
+        files.write_results(layout.results, "curve", summary, markdown(summary),
+                            figure(summary))
+        return summary
+
+    records = study.run_plan(
+        runs, layout.root / "curve",
+        lambda run, run_dir: _execute(config, run, run_dir, layout, train, test),
+        name="curve", after=write)
+    return write(records)
 
 
 # ---------------------------------------------------------------- summary
 
 
-def _probe_stats(records: list[dict], probe: str) -> dict:
+def _stats(records: list[dict], probe: str) -> dict:
     """`{fraction: accuracy stats}` of `probe` over `records` (seeds)."""
     fractions = sorted({f for r in records for f in r["results"].get(probe, {})}, key=float)
-    return {f: summary_tables.stats([r["results"][probe][f]["accuracy"] for r in records
-                       if f in r["results"].get(probe, {})]) for f in fractions}
+    return {f: tables.stats([r["results"][probe][f]["accuracy"] for r in records
+                             if f in r["results"].get(probe, {})]) for f in fractions}
 
 
 def summarize(config, records: list[dict]) -> dict:
-    """Accuracy (mean, std over seeds) per method, budget, probe and label fraction, the
-    references, and the plain answers: the first budget at which SMSD beats each reference,
-    and SMSD's gap to centralized DINO at each budget."""
-    curves = {}
-    for method in config.curve.methods:
-        rows = [r for r in records if r["method"] == method]
-        curves[method] = {f"{b:g}": {p: _probe_stats([r for r in rows if r["budget"] == b], p)
-                                     for p in ("linear", "knn")}
-                          for b in sorted({r["budget"] for r in rows})}
-    pixels = [r for r in records if r["method"] == "raw_pixels"]
-    finetune = [r for r in records if r["method"] == "finetune_only"]
-    references = {
-        "raw_pixels": {p: _probe_stats(pixels, p) for p in ("linear", "knn")},
-        "random_body": {p: _probe_stats(finetune, p) for p in ("linear", "knn")},
-        "finetune_only": {"finetune": _probe_stats(finetune, "finetune")}}
-    return dict(setup=dict(
-        images=config.data.subset, sites=config.data.num_sites, partition=config.curve.partition,
-        model=config.model.size, batch=config.server.batch_size, budgets=list(config.curve.budgets),
-        smsd_seeds=list(config.curve.smsd_seeds), baseline_seeds=list(config.curve.baseline_seeds),
-        label_fractions=list(config.downstream.label_fractions)),
-        curves=curves, references=references, answers=answers(curves, references),
+    """Accuracy (mean, std over seeds) of the teacher at each probe epoch, the references,
+    the server's time, and the plain answers."""
+    smsd = [r for r in records if r["kind"] == "smsd"]
+    by_epoch = {}
+    for e in sorted({r["epochs"] for r in smsd}):
+        rows = [r for r in smsd if r["epochs"] == e]
+        by_epoch[f"{e:g}"] = dict({p: _stats(rows, p) for p in PROBES},
+                                  step=max(r["server"]["step"] for r in rows))
+    pixels = [r for r in records if r["kind"] == "pixels"]
+    random = [r for r in records if r["kind"] == "random"]
+    references = {"raw_pixels": {p: _stats(pixels, p) for p in ("linear", "knn")},
+                  "random_body": {p: _stats(random, p) for p in PROBES}}
+    server_s = sum(r["server"]["server_s"] for r in smsd)
+    s = config.server
+    return dict(
+        setup=dict(images=config.data.subset or "all", sites=config.data.num_sites,
+                   partition=config.data.partition, model=config.model.size,
+                   init=config.model.init, batch=s.batch_size, epochs=s.epochs,
+                   seeds=list(config.curve.seeds),
+                   label_fractions=list(config.downstream.label_fractions),
+                   finetune_fractions=list(config.downstream.finetune_fractions)),
+        smsd=by_epoch, references=references, answers=answers(by_epoch, references),
+        server_hours=server_s / 3600,
         wall_s=float(sum(r.get("seconds", 0.0) for r in records)), runs=records)
 
 
 def _first_beat(points: list[tuple[float, float]], reference: float, what: str) -> str:
-    """When the SMSD points `(budget, accuracy)` first exceed `reference`, in words."""
-    beaten = [b for b, acc in sorted(points) if acc > reference]
+    """When the SMSD points `(epochs, accuracy)` first exceed `reference`, in words."""
+    beaten = [e for e, acc in sorted(points) if acc > reference]
     if beaten:
-        return f"SMSD beats {what} ({100 * reference:.1f}) from {beaten[0]:g} epochs"
-    budget, best = max(points, key=lambda p: p[1])
+        return f"SMSD beats {what} ({100 * reference:.1f}) from epoch {beaten[0]:g}"
+    epochs, best = max(points, key=lambda p: p[1])
     return (f"SMSD does not beat {what} ({100 * reference:.1f}) within "
-            f"{max(b for b, _ in points):g} epochs (best {100 * best:.1f} at {budget:g})")
+            f"{max(e for e, _ in points):g} epochs (best {100 * best:.1f} at epoch {epochs:g})")
 
 
-def answers(curves: dict, references: dict) -> list[str]:
-    """Sentences a person reads: from what budget SMSD's mean beats raw pixels, the random
-    body and converged fine-tune only (each probe and fraction), and its gap to centralized
-    DINO per budget."""
-    smsd, central = curves.get("smsd", {}), curves.get("centralized_dino", {})
-    finetune, random_body = (references["finetune_only"]["finetune"],
-                             references["random_body"])
+def answers(by_epoch: dict, references: dict) -> list[str]:
+    """Sentences a person reads: from which epoch the teacher's mean beats raw pixels and the
+    random body on each frozen probe, and fine-tune only on fine-tuning; and the last
+    epoch's fine-tuning gain over fine-tune only, with its seeds."""
     lines = []
-    for probe in ("linear", "knn"):
-        for f, pixels in references["raw_pixels"][probe].items():
+    for probe in PROBES:
+        fractions = sorted({f for v in by_epoch.values() for f in v[probe]}, key=float)
+        for f in fractions:
             where = f"{evaluation.PROBES[probe]} {100 * float(f):g}%"
-            points = [(float(b), v[probe][f]["mean"]) for b, v in smsd.items() if f in v[probe]]
-            if not points:
-                continue
-            lines.append(f"{where}: {_first_beat(points, pixels['mean'], 'raw pixels')}")
-            if f in random_body[probe]:
-                untrained = random_body[probe][f]["mean"]
-                lines.append(f"{where}: {_first_beat(points, untrained, 'the random body')}")
-            if f in finetune:
-                lines.append(f"{where}: "
-                             f"{_first_beat(points, finetune[f]['mean'], 'fine-tune only')}")
-            gaps = [f"{b}: {100 * (smsd[b][probe][f]['mean'] - c[probe][f]['mean']):+.1f}"
-                    for b, c in central.items() if b in smsd and f in c[probe]
-                    and f in smsd[b][probe]]
-            if gaps:
-                lines.append(f"{where}: SMSD - centralized DINO in points, by budget (epochs): "
-                             + ", ".join(gaps))
+            points = [(float(e), v[probe][f]["mean"]) for e, v in by_epoch.items()
+                      if f in v[probe]]
+            against = ([("raw pixels", references["raw_pixels"][probe])]
+                       if probe != "finetune" else [])
+            against.append(("fine-tune only" if probe == "finetune" else "the random body",
+                            references["random_body"][probe]))
+            for what, ref in against:
+                if f in ref:
+                    lines.append(f"{where}: {_first_beat(points, ref[f]['mean'], what)}")
+    last = max(by_epoch, key=float, default=None)
+    for f, ours in (by_epoch[last]["finetune"].items() if last else ()):
+        ref = references["random_body"]["finetune"].get(f)
+        if ref:
+            lines.append(
+                f"fine-tune {100 * float(f):g}% at epoch {last}: SMSD {100 * ours['mean']:.1f} "
+                f"(n={ours['n']}) against fine-tune only {100 * ref['mean']:.1f} "
+                f"(n={ref['n']}): {100 * (ours['mean'] - ref['mean']):+.1f} points")
     return lines
 
 
@@ -183,65 +239,66 @@ def _cell(stats: dict | None) -> str:
             else f"{100 * stats['mean']:.1f}")
 
 
-def markdown(summary: dict) -> str:
-    """The curve as a Markdown table (rows: method and budget; columns: probe and fraction),
-    the references and the answers."""
+def _columns(summary: dict) -> list[tuple[str, str]]:
     s = summary["setup"]
-    fractions = [f"{f:g}" for f in s["label_fractions"]]
-    columns = [(p, f) for p in ("linear", "knn") for f in fractions]
-    head = ("| method | epochs | " + " | ".join(f"{evaluation.PROBES[p]} {100 * float(f):g}%"
-                                              for p, f in columns) + " |")
-    lines = [f"# Learning curve: {s['images'] or 'all'} images, {s['sites']} "
-             f"{s['partition']} sites, ViT {s['model']}, batch {s['batch']}",
-             "", "Accuracy (%) on the test split (mean ± std over seeds: SMSD "
-             f"{s['smsd_seeds']}, baselines {s['baseline_seeds']}).", "", head,
-             "|---|---|" + "---|" * len(columns)]
-    for method, by_budget in summary["curves"].items():
-        for budget, probes in by_budget.items():
-            lines.append(f"| {NAMES[method]} | {budget} | " + " | ".join(
-                _cell(probes[p].get(f)) for p, f in columns) + " |")
+    return ([(p, f"{f:g}") for p in ("linear", "knn") for f in s["label_fractions"]]
+            + [("finetune", f"{f:g}") for f in s["finetune_fractions"]])
+
+
+def markdown(summary: dict) -> str:
+    """The curve as a Markdown table (rows: the teacher at each probe epoch, then the
+    references; columns: probe and label fraction), and the answers."""
+    s = summary["setup"]
+    columns = _columns(summary)
+    head = "| | epoch | step | " + " | ".join(
+        f"{evaluation.PROBES[p]} {100 * float(f):g}%" for p, f in columns) + " |"
+    lines = [f"# Learning curve: one SMSD run of {s['epochs']:g} epochs on {s['images']} "
+             f"images, {s['sites']} {s['partition']} sites, ViT {s['model']} ({s['init']} "
+             f"init), batch {s['batch']}", "",
+             "Test accuracy (%) of the teacher at each probe epoch (mean ± std over seeds "
+             f"{s['seeds']} where the row has more than one).", "", head,
+             "|---|---|---|" + "---|" * len(columns)]
+    for epoch, v in summary["smsd"].items():
+        lines.append(f"| SMSD | {epoch} | {v['step']} | "
+                     + " | ".join(_cell(v[p].get(f)) for p, f in columns) + " |")
     refs = summary["references"]
-    for name in ("raw_pixels", "random_body"):
-        lines.append(f"| {NAMES[name]} | - | " + " | ".join(
-            _cell(refs[name][p].get(f)) for p, f in columns) + " |")
-    lines.append(f"| {NAMES['finetune_only']} | - | " + " | ".join(
-        _cell(refs["finetune_only"]["finetune"].get(f)) if p == "linear" else "-"
-        for p, f in columns) + " |  (fine-tune accuracy, under linear)")
-    lines += ["", "## Answers", "", *[f"- {line}" for line in summary["answers"]],
-              "", f"Run time: {summary['wall_s'] / 60:.1f} min on this machine."]
+    lines.append("| raw pixels | - | - | " + " | ".join(
+        _cell(refs["raw_pixels"].get(p, {}).get(f)) for p, f in columns) + " |")
+    lines.append("| random body (fine-tune only) | - | - | " + " | ".join(
+        _cell(refs["random_body"][p].get(f)) for p, f in columns) + " |")
+    lines += ["", "## Answers", "", *[f"- {line}" for line in summary["answers"]], "",
+              f"Server time: {summary['server_hours']:.2f} h; with the probes "
+              f"{summary['wall_s'] / 3600:.2f} h on this machine."]
     return "\n".join(lines) + "\n"
 
 
-def figure(summary: dict) -> Figure:
-    """One panel per probe and fraction: accuracy against epochs of images seen (log 2), a
-    line per method (band: one std over seeds), references as horizontal lines."""
-    fractions = [f"{f:g}" for f in summary["setup"]["label_fractions"]]
-    panels = [(p, f) for p in ("linear", "knn") for f in fractions]
-    fig = Figure(figsize=(4.2 * len(panels), 4.0), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+def figure(summary: dict):
+    """One panel per probe and fraction: accuracy against epochs (log 2), references as
+    horizontal lines."""
+    columns = _columns(summary)
+    fig = report.new_figure(figsize=(3.6 * len(columns), 3.6))
+    axes = fig.subplots(1, len(columns), squeeze=False)[0]
     refs = summary["references"]
-    for ax, (probe, f) in zip(axes, panels):
-        for method, by_budget in summary["curves"].items():
-            points = sorted((float(b), v[probe][f]) for b, v in by_budget.items()
-                            if f in v[probe])
-            if not points:
-                continue
-            x = np.array([b for b, _ in points])
+    for ax, (probe, f) in zip(axes, columns):
+        points = sorted((float(e), v[probe][f]) for e, v in summary["smsd"].items()
+                        if f in v[probe])
+        if points:
+            x = np.array([e for e, _ in points])
             mean = np.array([100 * s["mean"] for _, s in points])
             std = np.array([100 * s["std"] for _, s in points])
-            ax.plot(x, mean, marker="o", label=NAMES[method])
+            ax.plot(x, mean, marker="o", label="SMSD teacher")
             ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+            ax.set_xscale("log", base=2)
         for name, stats, style in (
-                ("raw_pixels", refs["raw_pixels"][probe].get(f), "--"),
-                ("random_body", refs["random_body"][probe].get(f), ":"),
-                ("finetune_only", refs["finetune_only"]["finetune"].get(f), "-.")):
+                ("raw pixels", refs["raw_pixels"].get(probe, {}).get(f), "--"),
+                ("fine-tune only" if probe == "finetune" else "random body",
+                 refs["random_body"][probe].get(f), ":")):
             if stats:
-                ax.axhline(100 * stats["mean"], color="gray", linestyle=style, label=NAMES[name])
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("pre-training budget (epochs of images seen)")
+                ax.axhline(100 * stats["mean"], color="gray", linestyle=style, label=name)
+        ax.set_xlabel("epochs of the run")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{evaluation.PROBES[probe]}, {100 * float(f):g}% labels")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower right")
-    fig.suptitle("when does the single round pay? (Fashion-MNIST, CPU)")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("one single round, probed at its checkpoints (Fashion-MNIST, CPU)")
     return fig

@@ -227,12 +227,13 @@ def _execute(config, run: dict, run_dir: Path, train, test) -> dict:
 
 
 def run_plan(runs: list[dict], root: Path, execute, name: str = "study",
-             deadline_s: float = 0.0) -> list[dict]:
+             deadline_s: float = 0.0, after=None) -> list[dict]:
     """Runs each of `runs` (dicts with a "dir" under `root`) with `execute(run, run_dir)`,
     which returns the run's record; a run whose `run.json` exists is kept, so a stopped plan
     resumes. Prints a line per run with its time and the ETA. `deadline_s` > 0: no run starts
-    after that many seconds (the plan resumes later). Returns the records of the runs done,
-    in order."""
+    after that many seconds (the plan resumes later). `after(records)`, if given, is called
+    with the records so far after each run done now (to write partial results). Returns the
+    records of the runs done, in order."""
     records, start, spent = [], time.perf_counter(), []
     for i, run in enumerate(runs):
         run_dir = root / run["dir"]
@@ -251,6 +252,8 @@ def run_plan(runs: list[dict], root: Path, execute, name: str = "study",
             record["seconds"] = time.perf_counter() - t
             files.write_json(done, record)
             spent.append(record["seconds"])
+            if after is not None:
+                after([*records, record])
             left = len(runs) - i - 1
             print(f"{name} [{i + 1}/{len(runs)}] {run['dir']}: {record['seconds']:.0f} s; "
                   f"elapsed {(time.perf_counter() - start) / 60:.1f} min, ETA "

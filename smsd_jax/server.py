@@ -27,13 +27,18 @@ from smsd_jax.errors import SMSDError
 from smsd_jax.layout import Layout
 
 
-def run_server(config, payload_dirs: list[str | Path] | None, workdir: Layout | str | Path
-               ) -> dict:
+def run_server(config, payload_dirs: list[str | Path] | None, workdir: Layout | str | Path,
+               stop_at_step: int = 0) -> dict:
     """Trains the body on the payloads in `payload_dirs` (None: every payload of the work
     directory); writes checkpoints, metrics and the body export under its `server/` folder.
-    Returns the last logged metrics, the export's path, and what the payload reader held:
-    `reader = {rows_read, most_rows_held, bound}` (rows of this process; the bound is
-    `(config.server.prefetch + 1)` local batches, whatever the number of images)."""
+    Returns the last logged metrics, the export's path, the steps trained (`step`) and of the
+    whole schedule (`steps`), and what the payload reader held: `reader = {rows_read,
+    most_rows_held, bound}` (rows of this process; the bound is `(config.server.prefetch + 1)`
+    local batches, whatever the number of images).
+
+    `stop_at_step` > 0: stop there (a checkpoint and the teacher's export at that step), the
+    schedules still those of the whole run; running again with a later stop, or none,
+    continues the same run (the learning curve probes its checkpoints this way)."""
     cfg = config.server
     primary = distributed.is_primary()
     layout = Layout.of(workdir)
@@ -70,6 +75,7 @@ def run_server(config, payload_dirs: list[str | Path] | None, workdir: Layout | 
                         "images received; lower it")
     steps_per_epoch = num_images // cfg.batch_size
     total_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
+    end_step = min(stop_at_step, total_steps) if stop_at_step > 0 else total_steps
 
     # ---------------------------------------------------------------- Input pipeline
     # Step s trains on rows [s*B, (s+1)*B) of one shuffled stream (reshuffled every epoch by
@@ -110,6 +116,10 @@ def run_server(config, payload_dirs: list[str | Path] | None, workdir: Layout | 
 
     # ---------------------------------------------------------------- Train loop
     start_step = int(state.step)
+    if start_step > end_step:
+        raise SMSDError(f"config.server's run in {layout.checkpoints} is at step {start_step}, "
+                        f"past the stop asked for ({stop_at_step}); stop later, or start a new "
+                        "work directory")
     log = metrics_log.MetricsLog(layout.metrics, layout.tensorboard, out_dim=cfg.out_dim,
                                  start_step=start_step, collapse_patience=cfg.collapse_patience,
                                  write=primary)
@@ -119,7 +129,7 @@ def run_server(config, payload_dirs: list[str | Path] | None, workdir: Layout | 
     tick = time.perf_counter()
     # Rows this process holds: read from disk and not yet trained on, the step's own included.
     local_rows, trained, most_held = len(_local_rows(mesh, cfg.batch_size)), 0, 0
-    for step in range(start_step, total_steps):
+    for step in range(start_step, end_step):
         # Payload dtype (float16) on the wire to the device; the step casts it there.
         local = next(batches)
         most_held = max(most_held, rows.rows_read - trained)
@@ -132,7 +142,7 @@ def run_server(config, payload_dirs: list[str | Path] | None, workdir: Layout | 
             last = log.check_and_write(*pending, manager.latest_step())
         pending = (step, metrics)
         bar.update(1)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
+        if (step + 1) % cfg.log_every == 0 or step + 1 == end_step:
             now = time.perf_counter()
             rate = cfg.log_every * cfg.batch_size / max(now - tick, 1e-9)
             tick = now
@@ -141,7 +151,7 @@ def run_server(config, payload_dirs: list[str | Path] | None, workdir: Layout | 
             bar.set_postfix(loss=f"{last.get('loss', float('nan')):.3f}",
                             H=f"{last.get('teacher_entropy', float('nan')):.2f}",
                             img_s=f"{rate:.0f}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total_steps:
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end_step:
             checkpoints.save(manager, state, batches)
     if pending is not None:
         last = log.check_and_write(*pending, manager.latest_step())
@@ -161,7 +171,8 @@ def run_server(config, payload_dirs: list[str | Path] | None, workdir: Layout | 
     manager.close()
     reader = dict(rows_read=rows.rows_read, most_rows_held=most_held,
                   bound=(cfg.prefetch + 1) * local_rows)
-    return dict(last, body=str(body_dir), steps=total_steps, images=num_images, reader=reader,
+    return dict(last, body=str(body_dir), step=int(state.step), steps=total_steps,
+                images=num_images, reader=reader,
                 keys=keys.label(demo_keys))
 
 

@@ -144,6 +144,8 @@ def run_site(config, site_id: int, source, indices: np.ndarray, head_dir: str | 
         keep=cfg.keep, num_patches=head.num_patches, noise=noise_settings(cfg, k),
         per_site_head=config.model.per_site_heads, key_label=keys.label(public))
     manifest = _resume(files.as_path(out_dir), manifest)
+    if manifest["complete"]:
+        return manifest  # encoded before, with the same settings
     done = sum(s["num_images"] for s in manifest["shards"])
 
     dataset = data.site_dataset(source, indices, num_samples=cfg.num_samples,

@@ -1,67 +1,100 @@
-"""The learning curve: its plan, its plain answers, and a tiny real run that resumes."""
+"""The learning curve: one run probed at its checkpoints; its plan, its plain answers, and a
+tiny real run through the command line that resumes and equals an unstopped run."""
 
 import json
+import subprocess
+import sys
 
+import jax
+import numpy as np
 import pytest
 
 from configs import curve_fashion
 from experiments import curve
+from smsd_jax import export, server
+from smsd_jax.errors import SMSDError
+from smsd_jax.layout import Layout
+from tests.test_pipeline import ROOT
 
 
-def test_plan_runs_each_method_at_each_budget_cheapest_first():
+def test_plan_probes_each_epoch_once_then_the_last_for_every_seed():
     config = curve_fashion.get_config()
     runs = curve.plan(config)
-    methods = [r for r in runs if r["kind"] == "method"]
-    s = config.curve
-    assert len(methods) == len(s.budgets) * (len(s.smsd_seeds) + 2 * len(s.baseline_seeds))
-    assert [r["budget"] for r in methods] == sorted(r["budget"] for r in methods)
-    assert {r["seed"] for r in methods if r["method"] == "smsd"} == set(s.smsd_seeds)
+    smsd = [r for r in runs if r["kind"] == "smsd"]
+    first, *more = config.curve.seeds
+    epochs = [float(e) for e in config.curve.probe_epochs]
+    assert [r["epochs"] for r in smsd] == sorted(epochs) + [max(epochs)] * len(more)
+    assert [r["seed"] for r in smsd] == [first] * len(epochs) + list(more)
+    assert {r["seed"] for r in runs if r["kind"] == "random"} == set(config.curve.seeds)
+    assert runs[0]["kind"] == "pixels"
     assert len({r["dir"] for r in runs}) == len(runs)
-    assert {r["kind"] for r in runs} == {"method", "finetune_only", "pixels"}
+    assert max(epochs) == config.server.epochs  # the last probe is the run's end
 
 
-def test_budget_config_matches_images_seen():
-    config = curve.budget_config(curve_fashion.get_config(), 4)
-    assert config.server.epochs == 4.0  # SMSD and centralized DINO: epochs of pooled images
-    assert config.baselines.rounds * config.baselines.local_epochs == 4  # FedAvg-DINO
-    assert tuple(config.downstream.finetune_fractions) == ()
+@pytest.mark.parametrize("epochs", [(0, 2), (1, 64), ()])
+def test_plan_refuses_probes_outside_the_run(epochs):
+    config = curve_fashion.get_config()
+    config.curve.probe_epochs = epochs
+    with pytest.raises(SMSDError, match="probe_epochs"):
+        curve.plan(config)
 
 
-def _stats(mean):
-    return {"mean": mean, "std": 0.0, "n": 1}
+def test_stop_step_counts_whole_batches_as_the_server_does():
+    config = curve_fashion.get_config()
+    assert curve.stop_step(config, 60_000, 1) == 60_000 // 128
+    assert curve.stop_step(config, 60_000, 32) == 32 * (60_000 // 128)
+    assert curve.stop_step(config, 100, 0.5) == 1  # never step 0
 
 
-def test_answers_name_the_first_budget_that_beats_each_reference():
-    curves = {"smsd": {b: {"linear": {"0.1": _stats(acc)}, "knn": {}}
-                       for b, acc in (("1", 0.70), ("2", 0.76), ("4", 0.81), ("8", 0.83))},
-              "centralized_dino": {"4": {"linear": {"0.1": _stats(0.80)}, "knn": {}}}}
+def _stats(mean, n=1):
+    return {"mean": mean, "std": 0.0, "n": n}
+
+
+def test_answers_name_the_first_epoch_that_beats_each_reference():
+    by_epoch = {e: {"linear": {"0.1": _stats(acc)}, "knn": {}, "finetune": {}}
+                for e, acc in (("1", 0.70), ("2", 0.76), ("4", 0.81), ("8", 0.83))}
+    by_epoch["8"]["finetune"] = {"0.01": _stats(0.74, n=2)}
     references = {"raw_pixels": {"linear": {"0.1": _stats(0.803)}, "knn": {}},
-                  "random_body": {"linear": {"0.1": _stats(0.75)}, "knn": {}},
-                  "finetune_only": {"finetune": {"0.1": _stats(0.9)}}}
-    lines = curve.answers(curves, references)
-    assert "linear 10%: SMSD beats the random body (75.0) from 2 epochs" in lines
-    assert "linear 10%: SMSD beats raw pixels (80.3) from 4 epochs" in lines
-    assert ("linear 10%: SMSD does not beat fine-tune only (90.0) within 8 epochs "
-            "(best 83.0 at 8)") in lines
-    assert any("SMSD - centralized DINO" in line and "4: +1.0" in line for line in lines)
+                  "random_body": {"linear": {"0.1": _stats(0.75)}, "knn": {},
+                                  "finetune": {"0.01": _stats(0.70, n=2)}}}
+    lines = curve.answers(by_epoch, references)
+    assert "linear 10%: SMSD beats the random body (75.0) from epoch 2" in lines
+    assert "linear 10%: SMSD beats raw pixels (80.3) from epoch 4" in lines
+    assert "fine-tune 1%: SMSD beats fine-tune only (70.0) from epoch 8" in lines
+    assert ("fine-tune 1% at epoch 8: SMSD 74.0 (n=2) against fine-tune only 70.0 (n=2): "
+            "+4.0 points") in lines
+    by_epoch["8"]["linear"]["0.1"] = _stats(0.80)
+    del by_epoch["4"]
+    assert ("linear 10%: SMSD does not beat raw pixels (80.3) within 8 epochs (best 80.0 at "
+            "epoch 8)") in curve.answers(by_epoch, references)
 
 
 @pytest.mark.slow
-def test_tiny_curve_writes_its_results_and_resumes(tmp_path, capsys):
+def test_tiny_curve_from_the_cli_resumes_and_equals_one_unstopped_run(tmp_path):
     config = curve_fashion.get_config("tiny")
-    summary = curve.run_curve(config, tmp_path)
-    results = tmp_path / "results"
-    written = json.loads((results / curve.JSON).read_text())
-    assert set(written["curves"]) == set(config.curve.methods) == {"smsd"}
-    for method in written["curves"].values():
-        assert set(method) == {"1", "2"}
+    workdir = tmp_path / "curve"
+    cmd = [sys.executable, "-m", "launch.main", "--config=configs/curve_fashion.py:tiny",
+           "--mode=curve", f"--workdir={workdir}"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+    again = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+    assert again.stdout.count("done before, kept") == len(curve.plan(config))
+
+    results = workdir / "results"
+    summary = json.loads((results / curve.JSON).read_text())
+    assert set(summary["smsd"]) == {"1", "2"}
+    assert summary["smsd"]["2"]["step"] == 2 * summary["smsd"]["1"]["step"]
+    assert summary["smsd"]["2"]["finetune"]["0.5"]["n"] == len(config.curve.seeds)
+    for probe in ("linear", "knn"):
         for fraction in ("0.1", "0.5"):
-            assert 0.0 <= method["1"]["linear"][fraction]["mean"] <= 1.0
-    assert set(written["references"]["finetune_only"]["finetune"]) == {"0.1", "0.5"}
+            assert 0.0 <= summary["smsd"]["1"][probe][fraction]["mean"] <= 1.0
+    assert summary["references"]["random_body"]["finetune"]["0.5"]["n"] == 2
     assert (results / curve.PNG).stat().st_size > 10_000
-    assert "| SMSD (single round) | 1 |" in (results / curve.MARKDOWN).read_text()
-    assert written["answers"]
-    capsys.readouterr()
-    again = curve.run_curve(config, tmp_path)
-    assert capsys.readouterr().out.count("done before, kept") == len(curve.plan(config))
-    assert again["curves"] == summary["curves"]
+    assert "| SMSD | 2 |" in (results / curve.MARKDOWN).read_text()
+
+    # Stopped at epoch 1 and continued, the run ends where one unstopped run ends.
+    layout = Layout(workdir)
+    whole = server.run_server(config, layout.payload_dirs(), tmp_path / "whole")
+    _, ours, _ = export.load_body(workdir / "curve" / "smsd" / "epochs2" / "body")
+    _, theirs, _ = export.load_body(whole["body"])
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        np.testing.assert_array_equal(a, b)

@@ -166,6 +166,17 @@ def test_site_encoding_is_reproducible_and_resumes(tmp_path):
     assert len(payload.read_manifest(part)["shards"]) == N_IMAGES // 32
 
 
+def test_encoding_a_complete_payload_again_changes_nothing(tmp_path):
+    # 40 images in batches of 16: the last batch is short, and a complete payload must not
+    # take it again.
+    config = _config(shard_size=32, batch_size=16)
+    out, _, _ = _encode(tmp_path, config, "payload", n=40)
+    tokens, manifest = payload.read_tokens(out), payload.read_manifest(out)
+    _encode(tmp_path, config, "payload", n=40)
+    assert payload.read_manifest(out) == manifest
+    np.testing.assert_array_equal(payload.read_tokens(out), tokens)
+
+
 @pytest.mark.slow
 def test_server_on_eight_devices_equals_one(tmp_path):
     config = _config()
