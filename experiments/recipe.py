@@ -45,7 +45,7 @@ def step_flops(config) -> float:
     """XLA's FLOPs of one server step of `config` (its payload shape from `config.site`)."""
     k = int(config.site.keep * (config.data.image_size // config.model.patch_size) ** 2)
     shape = (config.site.num_samples, k, models.token_width(config))
-    return study._server_step_flops(config, shape)
+    return study.server_step_flops(config, shape)
 
 
 def setting(config, overrides: str, equal_compute: bool):

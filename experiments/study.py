@@ -87,7 +87,7 @@ def seeded(config, seed: int, partition: str):
 # ---------------------------------------------------------------- SMSD cost
 
 
-def _server_step_flops(config, token_shape: tuple[int, int, int]) -> float:
+def server_step_flops(config, token_shape: tuple[int, int, int]) -> float:
     """FLOPs of one server step at `config.server.batch_size` on samples `[M, K, D]`."""
     net = models.dino_net_from_config(config)
     schedules = distill.make_schedules(config.server, 1, 1)
@@ -129,7 +129,7 @@ def _run_smsd(config, run_dir: Path, train, parts) -> tuple:
     body, body_params, _ = export.load_body(final["body"])
     m = manifests[0]
     per_image = _site_flops_per_image(config, head, head_params)
-    step_flops = _server_step_flops(config, (m["num_samples"], m["tokens"], m["dim"]))
+    step_flops = server_step_flops(config, (m["num_samples"], m["tokens"], m["dim"]))
     body_bytes = cost.folder_bytes(final["body"])
     spent = dict(
         upload_bytes_per_site=[cost.folder_bytes(d) for d in payload_dirs],
