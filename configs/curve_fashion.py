@@ -51,6 +51,7 @@ def get_config(arg: str | None = None):
     c.curve = dict(
         probe_epochs=(1, 2, 4, 8, 16, 32),  # stops of the one run, each probed
         seeds=(0, 1),  # downstream seeds: every probe with the first, the last epoch and
-                       # the random body (fine-tune only) with each
+                       # the references (raw pixels, random body, fine-tune only) with each
+        deadline_minutes=0.0,  # > 0: start no probe after this long (the next call resumes)
     )
     return base.apply_variants(c, arg, OWN, config=__file__)

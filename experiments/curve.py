@@ -10,11 +10,14 @@ probe's folder. Each stop's teacher is probed at the site with the downstream pr
 (linear probe and k-NN at `downstream.label_fractions`, fine-tuning at
 `downstream.finetune_fractions`), labels and fine-tuning seeded by the first of
 `config.curve.seeds`; the last stop again for each further seed. Beside it, on the same
-labels: raw pixels, and for each seed the random body of the same init, probed and
-fine-tuned to convergence (fine-tune only).
+labels: for each seed raw pixels, and the random body of the same init, probed and
+fine-tuned to convergence (fine-tune only). Every comparison is paired: a probe of the
+teacher is read against the references of its own seeds (the same labelled images).
 
 Every probe is a folder with its `run.json` (`study.run_plan`), and the server resumes from
-its checkpoints, so a stopped curve resumes where it was. The results
+its checkpoints, so a stopped curve resumes where it was; `config.curve.deadline_minutes`
+starts no probe after that long (a tiny value writes the results of the probes done). The
+results
 (`WORKDIR/results/curve.{json,md,png}`) are written again after every probe, so a curve still
 running has its early points.
 """
@@ -44,9 +47,9 @@ PROBES = ("linear", "knn", "finetune")
 
 
 def plan(config) -> list[dict]:
-    """The curve's runs in order, `{"kind", "seed", "epochs", "dir"}`: raw pixels, the random
-    body of each seed (its probes and fine-tune only), the teacher at each probe epoch
-    (first seed), then the last epoch's teacher for each further seed."""
+    """The curve's runs in order, `{"kind", "seed", "epochs", "dir"}`: for each seed raw
+    pixels and the random body (its probes and fine-tune only), the teacher at each probe
+    epoch (first seed), then the last epoch's teacher for each further seed."""
     s = config.curve
     epochs = sorted(float(e) for e in s.probe_epochs)
     if not epochs or epochs[0] <= 0 or epochs[-1] > config.server.epochs:
@@ -55,9 +58,9 @@ def plan(config) -> list[dict]:
     if not s.seeds:
         raise SMSDError("config.curve.seeds is empty; give at least one seed, e.g. (0,)")
     first, *more = s.seeds
-    runs = [dict(kind="pixels", seed=first, epochs=0.0, dir="raw_pixels")]
-    runs += [dict(kind="random", seed=seed, epochs=0.0, dir=f"random_body/seed{seed}")
-             for seed in s.seeds]
+    runs = [dict(kind=kind, seed=seed, epochs=0.0, dir=f"{name}/seed{seed}")
+            for seed in s.seeds for kind, name in (("pixels", "raw_pixels"),
+                                                   ("random", "random_body"))]
     runs += [dict(kind="smsd", seed=first, epochs=e, dir=f"smsd/epochs{e:g}") for e in epochs]
     runs += [dict(kind="smsd", seed=seed, epochs=epochs[-1], dir=f"smsd/epochs{epochs[-1]:g}"
                   f"_seed{seed}") for seed in more]
@@ -149,7 +152,7 @@ def run_curve(config, workdir: Layout | str | Path) -> dict:
     records = study.run_plan(
         runs, layout.root / "curve",
         lambda run, run_dir: _execute(config, run, run_dir, layout, train, test),
-        name="curve", after=write)
+        name="curve", deadline_s=60 * config.curve.deadline_minutes, after=write)
     return write(records)
 
 
@@ -163,19 +166,29 @@ def _stats(records: list[dict], probe: str) -> dict:
                              if f in r["results"].get(probe, {})]) for f in fractions}
 
 
+def _by_seed(records: list[dict], probes) -> dict:
+    """`{seed: {probe: {fraction: accuracy}}}` of reference `records` (one per seed)."""
+    return {str(r["seed"]): {p: {f: m["accuracy"] for f, m in r["results"].get(p, {}).items()}
+                             for p in probes} for r in records}
+
+
 def summarize(config, records: list[dict]) -> dict:
-    """Accuracy (mean, std over seeds) of the teacher at each probe epoch, the references,
-    the server's time, and the plain answers."""
+    """Accuracy (mean, std over seeds) of the teacher at each probe epoch, the references
+    (over all seeds, and per seed for the paired answers), the server's time, and the plain
+    answers."""
     smsd = [r for r in records if r["kind"] == "smsd"]
     by_epoch = {}
     for e in sorted({r["epochs"] for r in smsd}):
         rows = [r for r in smsd if r["epochs"] == e]
         by_epoch[f"{e:g}"] = dict({p: _stats(rows, p) for p in PROBES},
-                                  step=max(r["server"]["step"] for r in rows))
+                                  step=max(r["server"]["step"] for r in rows),
+                                  seeds=sorted(r["seed"] for r in rows))
     pixels = [r for r in records if r["kind"] == "pixels"]
     random = [r for r in records if r["kind"] == "random"]
     references = {"raw_pixels": {p: _stats(pixels, p) for p in ("linear", "knn")},
-                  "random_body": {p: _stats(random, p) for p in PROBES}}
+                  "random_body": {p: _stats(random, p) for p in PROBES},
+                  "by_seed": {"raw_pixels": _by_seed(pixels, ("linear", "knn")),
+                              "random_body": _by_seed(random, PROBES)}}
     server_s = sum(r["server"]["server_s"] for r in smsd)
     s = config.server
     return dict(
@@ -190,42 +203,52 @@ def summarize(config, records: list[dict]) -> dict:
         wall_s=float(sum(r.get("seconds", 0.0) for r in records)), runs=records)
 
 
-def _first_beat(points: list[tuple[float, float]], reference: float, what: str) -> str:
-    """When the SMSD points `(epochs, accuracy)` first exceed `reference`, in words."""
-    beaten = [e for e, acc in sorted(points) if acc > reference]
+def _paired(by_seed: dict, seeds: list, probe: str, fraction: str) -> float | None:
+    """The mean of a reference over `seeds` (None unless every one of them has it)."""
+    values = [by_seed.get(str(seed), {}).get(probe, {}).get(fraction) for seed in seeds]
+    return None if not values or None in values else float(np.mean(values))
+
+
+def _first_beat(points: list[tuple[float, float, float]], what: str) -> str:
+    """When the points `(epoch, SMSD's accuracy, the reference's on the same labels)` first
+    have SMSD ahead, in words."""
+    points = sorted(points)
+    beaten = [(e, ours, ref) for e, ours, ref in points if ours > ref]
     if beaten:
-        return f"SMSD beats {what} ({100 * reference:.1f}) from epoch {beaten[0]:g}"
-    epochs, best = max(points, key=lambda p: p[1])
-    return (f"SMSD does not beat {what} ({100 * reference:.1f}) within "
-            f"{max(e for e, _ in points):g} epochs (best {100 * best:.1f} at epoch {epochs:g})")
+        e, ours, ref = beaten[0]
+        return f"SMSD beats {what} from epoch {e:g} ({100 * ours:.1f} against {100 * ref:.1f})"
+    e, ours, ref = max(points, key=lambda p: p[1] - p[2])
+    return (f"SMSD does not beat {what} within {points[-1][0]:g} epochs (closest at epoch "
+            f"{e:g}: {100 * ours:.1f} against {100 * ref:.1f})")
 
 
 def answers(by_epoch: dict, references: dict) -> list[str]:
-    """Sentences a person reads: from which epoch the teacher's mean beats raw pixels and the
-    random body on each frozen probe, and fine-tune only on fine-tuning; and the last
-    epoch's fine-tuning gain over fine-tune only, with its seeds."""
-    lines = []
+    """Sentences a person reads: from which epoch the teacher beats raw pixels and the random
+    body on each frozen probe, and fine-tune only on fine-tuning, each against the references
+    of the same seeds (the same labelled images); and the last epoch's fine-tuning gain over
+    fine-tune only, with its seeds."""
+    lines, by_seed = [], references["by_seed"]
     for probe in PROBES:
         fractions = sorted({f for v in by_epoch.values() for f in v[probe]}, key=float)
+        against = ([("raw pixels", "raw_pixels")] if probe != "finetune" else []) + [
+            ("fine-tune only" if probe == "finetune" else "the random body", "random_body")]
         for f in fractions:
             where = f"{evaluation.PROBES[probe]} {100 * float(f):g}%"
-            points = [(float(e), v[probe][f]["mean"]) for e, v in by_epoch.items()
-                      if f in v[probe]]
-            against = ([("raw pixels", references["raw_pixels"][probe])]
-                       if probe != "finetune" else [])
-            against.append(("fine-tune only" if probe == "finetune" else "the random body",
-                            references["random_body"][probe]))
-            for what, ref in against:
-                if f in ref:
-                    lines.append(f"{where}: {_first_beat(points, ref[f]['mean'], what)}")
+            for what, name in against:
+                points = [(float(e), v[probe][f]["mean"],
+                           _paired(by_seed[name], v["seeds"], probe, f))
+                          for e, v in by_epoch.items() if f in v[probe]]
+                points = [p for p in points if p[2] is not None]
+                if points:
+                    lines.append(f"{where}: {_first_beat(points, what)}")
     last = max(by_epoch, key=float, default=None)
     for f, ours in (by_epoch[last]["finetune"].items() if last else ()):
-        ref = references["random_body"]["finetune"].get(f)
-        if ref:
+        ref = _paired(by_seed["random_body"], by_epoch[last]["seeds"], "finetune", f)
+        if ref is not None:
             lines.append(
                 f"fine-tune {100 * float(f):g}% at epoch {last}: SMSD {100 * ours['mean']:.1f} "
-                f"(n={ours['n']}) against fine-tune only {100 * ref['mean']:.1f} "
-                f"(n={ref['n']}): {100 * (ours['mean'] - ref['mean']):+.1f} points")
+                f"against fine-tune only {100 * ref:.1f} on the same {ours['n']} seed(s): "
+                f"{100 * (ours['mean'] - ref):+.1f} points")
     return lines
 
 
@@ -261,12 +284,16 @@ def markdown(summary: dict) -> str:
     for epoch, v in summary["smsd"].items():
         lines.append(f"| SMSD | {epoch} | {v['step']} | "
                      + " | ".join(_cell(v[p].get(f)) for p, f in columns) + " |")
-    refs = summary["references"]
-    lines.append("| raw pixels | - | - | " + " | ".join(
-        _cell(refs["raw_pixels"].get(p, {}).get(f)) for p, f in columns) + " |")
-    lines.append("| random body (fine-tune only) | - | - | " + " | ".join(
-        _cell(refs["random_body"][p].get(f)) for p, f in columns) + " |")
-    lines += ["", "## Answers", "", *[f"- {line}" for line in summary["answers"]], "",
+    by_seed = summary["references"]["by_seed"]
+    for name, title in (("raw_pixels", "raw pixels"),
+                        ("random_body", "random body (fine-tune only)")):
+        for seed, values in by_seed[name].items():
+            lines.append(f"| {title}, seed {seed} | - | - | " + " | ".join(
+                f"{100 * values[p][f]:.1f}" if f in values.get(p, {}) else "-"
+                for p, f in columns) + " |")
+    lines += ["", "## Answers", "",
+              "Each against the references of the same seeds (the same labelled images).", "",
+              *[f"- {line}" for line in summary["answers"]], "",
               f"Server time: {summary['server_hours']:.2f} h; with the probes "
               f"{summary['wall_s'] / 3600:.2f} h on this machine."]
     return "\n".join(lines) + "\n"

@@ -26,7 +26,7 @@ def test_plan_probes_each_epoch_once_then_the_last_for_every_seed():
     assert [r["epochs"] for r in smsd] == sorted(epochs) + [max(epochs)] * len(more)
     assert [r["seed"] for r in smsd] == [first] * len(epochs) + list(more)
     assert {r["seed"] for r in runs if r["kind"] == "random"} == set(config.curve.seeds)
-    assert runs[0]["kind"] == "pixels"
+    assert {r["seed"] for r in runs if r["kind"] == "pixels"} == set(config.curve.seeds)
     assert len({r["dir"] for r in runs}) == len(runs)
     assert max(epochs) == config.server.epochs  # the last probe is the run's end
 
@@ -50,23 +50,24 @@ def _stats(mean, n=1):
     return {"mean": mean, "std": 0.0, "n": n}
 
 
-def test_answers_name_the_first_epoch_that_beats_each_reference():
-    by_epoch = {e: {"linear": {"0.1": _stats(acc)}, "knn": {}, "finetune": {}}
+def test_answers_name_the_first_epoch_that_beats_each_reference_on_the_same_labels():
+    by_epoch = {e: {"linear": {"0.1": _stats(acc)}, "knn": {}, "finetune": {}, "seeds": [0]}
                 for e, acc in (("1", 0.70), ("2", 0.76), ("4", 0.81), ("8", 0.83))}
-    by_epoch["8"]["finetune"] = {"0.01": _stats(0.74, n=2)}
-    references = {"raw_pixels": {"linear": {"0.1": _stats(0.803)}, "knn": {}},
-                  "random_body": {"linear": {"0.1": _stats(0.75)}, "knn": {},
-                                  "finetune": {"0.01": _stats(0.70, n=2)}}}
-    lines = curve.answers(by_epoch, references)
-    assert "linear 10%: SMSD beats the random body (75.0) from epoch 2" in lines
-    assert "linear 10%: SMSD beats raw pixels (80.3) from epoch 4" in lines
-    assert "fine-tune 1%: SMSD beats fine-tune only (70.0) from epoch 8" in lines
-    assert ("fine-tune 1% at epoch 8: SMSD 74.0 (n=2) against fine-tune only 70.0 (n=2): "
-            "+4.0 points") in lines
-    by_epoch["8"]["linear"]["0.1"] = _stats(0.80)
+    by_epoch["8"].update(finetune={"0.01": _stats(0.74, n=2)}, seeds=[0, 1])
+    by_seed = {"raw_pixels": {"0": {"linear": {"0.1": 0.803}}, "1": {"linear": {"0.1": 0.85}}},
+               "random_body": {"0": {"linear": {"0.1": 0.75}, "finetune": {"0.01": 0.69}},
+                               "1": {"linear": {"0.1": 0.75}, "finetune": {"0.01": 0.71}}}}
+    lines = curve.answers(by_epoch, {"by_seed": by_seed})
+    assert "linear 10%: SMSD beats the random body from epoch 2 (76.0 against 75.0)" in lines
+    assert "linear 10%: SMSD beats raw pixels from epoch 4 (81.0 against 80.3)" in lines
+    assert "fine-tune 1%: SMSD beats fine-tune only from epoch 8 (74.0 against 70.0)" in lines
+    assert ("fine-tune 1% at epoch 8: SMSD 74.0 against fine-tune only 70.0 on the same 2 "
+            "seed(s): +4.0 points") in lines
+    # Epoch 8 has seeds 0 and 1: its raw pixels are their mean, 82.65, not seed 0's 80.3.
     del by_epoch["4"]
-    assert ("linear 10%: SMSD does not beat raw pixels (80.3) within 8 epochs (best 80.0 at "
-            "epoch 8)") in curve.answers(by_epoch, references)
+    by_epoch["8"]["linear"]["0.1"] = _stats(0.81, n=2)
+    assert ("linear 10%: SMSD does not beat raw pixels within 8 epochs (closest at epoch 8: "
+            "81.0 against 82.7)") in curve.answers(by_epoch, {"by_seed": by_seed})
 
 
 @pytest.mark.slow
@@ -88,6 +89,7 @@ def test_tiny_curve_from_the_cli_resumes_and_equals_one_unstopped_run(tmp_path):
         for fraction in ("0.1", "0.5"):
             assert 0.0 <= summary["smsd"]["1"][probe][fraction]["mean"] <= 1.0
     assert summary["references"]["random_body"]["finetune"]["0.5"]["n"] == 2
+    assert set(summary["references"]["by_seed"]["raw_pixels"]) == {"0", "1"}
     assert (results / curve.PNG).stat().st_size > 10_000
     assert "| SMSD | 2 |" in (results / curve.MARKDOWN).read_text()
 
