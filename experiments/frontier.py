@@ -199,7 +199,7 @@ def summarize(config, records: list[dict], attacked: list[dict]) -> dict:
             secret=dict(position_accuracy=secret["position_accuracy"],
                         position_attack=secret["position_attack"], psnr=secret["psnr"],
                         ssim=secret["ssim"], reconstruction_attack=secret["reconstruction_attack"],
-                        purity=secret["purity"]),
+                        grouping=best_grouping(secret.get("grouping"))),
             public=dict(position_accuracy=public["position_accuracy"], psnr=public["psnr"],
                         ssim=public["ssim"]),
             chance_accuracy=secret["chance_accuracy"], mean_image=secret["mean_image"],
@@ -216,6 +216,14 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
+def best_grouping(grouping: dict | None) -> float | None:
+    """The best of the audit's groupings by position (content alone left out), None when the
+    attacks were run before grouping was measured."""
+    found = [v for name, v in (grouping or {}).items()
+             if name != "content_only" and v is not None]
+    return max(found, default=None)
+
+
 def markdown(summary: dict) -> str:
     """The frontier as a table: a row per setting, accuracy beside the best attacks."""
     s, points = summary["setup"], summary["points"]
@@ -225,12 +233,14 @@ def markdown(summary: dict) -> str:
              f"batch {s['batch']}, seed {s['seed']}", "",
              "Accuracy (%) of the teacher on the test split; attacks of an honest-but-curious "
              "server (the audit's, results/privacy.md) on a payload made with the same "
-             "settings: best position accuracy and best reconstruction, head secret (and "
-             "public).", "",
+             "settings: best grouping of tokens by position (groups unnamed, matched "
+             "one-to-one; over the tokens that carry a position), best position accuracy "
+             "(positions named) and best reconstruction, head secret (and public).", "",
              "| setting | overrides | D | bytes / image | " + " | ".join(columns)
-             + " | positions % secret (attack) | PSNR dB / SSIM secret | positions % public "
+             + " | grouping % secret | positions % secret (attack) | PSNR dB / SSIM secret "
+               "| positions % public "
                "| PSNR public | epsilon |",
-             "|---|---|---|---|" + "---|" * len(columns) + "---|---|---|---|---|"]
+             "|---|---|---|---|" + "---|" * len(columns) + "---|---|---|---|---|---|"]
     for p in points:
         sec, pub = p["secret"], p["public"]
         eps = "-" if p["epsilon"] is None else f"{p['epsilon']:.3g} (delta {p['delta']:g})"
@@ -238,7 +248,8 @@ def markdown(summary: dict) -> str:
             f"| {p['name']} | `{p['overrides'] or 'default'}` | {p['token_width']} | "
             f"{p['payload_bytes_per_image']} | "
             + " | ".join(_pct(p["accuracy"][col]) for col in columns)
-            + f" | {_pct(sec['position_accuracy'])} ({sec['position_attack']}) | "
+            + f" | {_pct(sec.get('grouping'))} | {_pct(sec['position_accuracy'])} "
+              f"({sec['position_attack']}) | "
               f"{sec['psnr']:.2f} / {sec['ssim']:.3f} | {_pct(pub['position_accuracy'])} | "
               f"{pub['psnr']:.2f} | {eps} |")
     if points:

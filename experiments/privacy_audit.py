@@ -273,18 +273,22 @@ def _cluster(key, x, k: int, iters: int) -> np.ndarray:
 
 
 def _grouping(config, ds: _Data, sent, positions, order: str, noise_std: float,
-              seed: int) -> tuple[dict, float, tuple]:
+              seed: int, unplaced: bool) -> tuple[dict, float, tuple]:
     """Head-agnostic grouping of the payload's tokens by position.
 
-    Purity of k-means on the tokens, on their residual off the top P principal directions
-    (D > P only) and of the slots (`content_only`: k-means on the true patches, what content
-    alone groups). The groups the server trusts most (slots when it knows they are positions:
+    k-means on the tokens, on their residual off the top P principal directions (D > P
+    only) and the slots (`content_only`: k-means on the true patches, what content alone
+    groups). The groups the server trusts most (slots when it knows they are positions:
     grid order or a reused permutation; else the residual, or raw, k-means groups) are named by
     their spectra.
 
+    Grouping is `leakage.grouping_accuracy` (groups matched one-to-one to positions) over
+    the tokens that carry a position.
+
     Returns:
-      `(purity, accuracy of the spectral names, (tokens, groups, moments, labels, rounds))`,
-      the last for `attacks.estimate_head` (rounds 0 when the order already names every slot).
+      `(grouping, accuracy of the spectral names, (tokens, groups, moments, labels,
+      rounds))`, the last for `attacks.estimate_head` (rounds 0 when the order already names
+      every slot).
     """
     p = config.privacy
     s, k, dim = sent.shape
@@ -294,17 +298,17 @@ def _grouping(config, ds: _Data, sent, positions, order: str, noise_std: float,
                                               replace=False)
     content = np.take_along_axis(ds.victim_patches, positions[..., None], axis=1)
     slots = np.broadcast_to(np.arange(k), (s, k)).ravel()
+    has = _has_position(content.reshape(-1, pdim), unplaced)
     key = jax.random.key(seed)
     groups = _cluster(key, flat[pick], n, p.kmeans_iters)
-    purity = dict(
-        content_only=leakage.cluster_purity(_cluster(
-            key, content.reshape(-1, pdim)[pick], n, p.kmeans_iters), truth[pick]),
-        kmeans=leakage.cluster_purity(groups, truth[pick]), residual=None,
-        slot=leakage.cluster_purity(slots, truth))
+    by_content = _cluster(key, content.reshape(-1, pdim)[pick], n, p.kmeans_iters)
+    grouping = dict(content_only=_grouped(by_content, truth[pick], has[pick]),
+                    kmeans=_grouped(groups, truth[pick], has[pick]), residual=None,
+                    slot=_grouped(slots, truth, has))
     if dim > pdim:
         groups = _cluster(key, attacks.remove_top_components(flat[pick], pdim), n,
                           p.kmeans_iters)
-        purity["residual"] = leakage.cluster_purity(groups, truth[pick])
+        grouping["residual"] = _grouped(groups, truth[pick], has[pick])
     in_grid_order = order == "sorted" and k == n
     if order == "fixed" or in_grid_order:  # the slots are exact groups
         tokens, groups = flat, slots
@@ -314,28 +318,47 @@ def _grouping(config, ds: _Data, sent, positions, order: str, noise_std: float,
     labels = attacks.spectral_labels(moments, np.max(groups) + 1, ds.prior, p.spectrum_size)
     spectral = mirror_accuracy(labels[groups], truth, n, ds.flips)
     if in_grid_order:
-        return purity, spectral, (tokens, groups, moments, np.arange(n), 0)
-    return purity, spectral, (tokens, groups, moments, labels, p.moments.rounds)
+        return grouping, spectral, (tokens, groups, moments, np.arange(n), 0)
+    return grouping, spectral, (tokens, groups, moments, labels, p.moments.rounds)
+
+
+def _has_position(patches: np.ndarray, unplaced: bool) -> np.ndarray:
+    """`[T, P]` true patches -> `[T]` bool: the token carries its position (every token,
+    unless constant patches are sent unplaced)."""
+    if not unplaced:
+        return np.ones(len(patches), bool)
+    return patches.max(-1) > patches.min(-1)
+
+
+def _grouped(groups, truth, has) -> float:
+    """`leakage.grouping_accuracy` over the tokens that carry a position."""
+    return leakage.grouping_accuracy(np.asarray(groups)[has], np.asarray(truth)[has])
 
 
 def _anchors(config, ds: _Data, sent, assign, noise_std: float, seed: int, unplaced: bool):
     """Head secret, from the payload's exact repeats: blank patches give one token per blank
-    position (`attacks.repeated_tokens`; with blank patches `unplaced`, the tight clusters of
-    almost blank ones, `attacks.near_repeats`); groups of them are named by which are blank
-    together (`attacks.name_by_cooccurrence`, against public images); every token joins its
-    anchor's group (`attacks.anchor_groups`), the head is estimated from the named groups'
-    moments (`attacks.estimate_head`) and the payload attacked as if it were public.
+    position (`attacks.repeated_tokens`; with blank patches `unplaced`, each sample's blank
+    token gives its background (`attacks.blank_tokens`), and once it is subtracted the
+    almost blank tokens cluster tightly by position, `attacks.near_repeats`); groups of them
+    are named by which are blank together (`attacks.name_by_cooccurrence`, against public
+    images); every placed token is grouped by position around them
+    (`attacks.shifted_mixture`), the head is estimated from the named groups' moments
+    (`attacks.estimate_head`) and the payload attacked as if it were public.
 
     Returns:
-      None when nothing repeats (token noise), else `(groups [S*K], positions by anchor
-      [S, K], positions and images by the estimated head)`.
+      None when nothing repeats (token noise), else `(groups [S*K], -1 for a token sent
+      without position, positions by anchor [S, K], positions and images by the estimated
+      head)`.
     """
     p = config.privacy
     s, k, dim = sent.shape
-    n, pdim = ds.victim_patches.shape[1:]
+    n = ds.victim_patches.shape[1]
     flat, rows = sent.reshape(-1, dim), np.repeat(np.arange(s), k)
-    if unplaced:  # exact blanks carry no position; almost blank patches still do
-        values, repeated = attacks.near_repeats(flat, rows, n, p.near_radius,
+    placed, residual = np.ones(len(flat), bool), flat
+    if unplaced:  # exact blanks carry no position but give each sample's background
+        blanks, on_line = attacks.blank_tokens(flat, rows, s)
+        placed, residual = ~on_line, flat - blanks[rows]
+        values, repeated = attacks.near_repeats(residual, rows, n, p.near_radius,
                                                 min_count=max(3, s // 200))
     else:  # a blank position is blank in more than 1 sample in 50; rarer repeats are noise
         values, repeated = attacks.repeated_tokens(flat, n, min_count=max(3, s // 50))
@@ -346,13 +369,15 @@ def _anchors(config, ds: _Data, sent, assign, noise_std: float, seed: int, unpla
               if unplaced else attacks.blank_patches(ds.public_patches))
     names = attacks.name_by_cooccurrence(present, public, k, seed=seed)
     names = np.concatenate([names, np.setdiff1d(np.arange(n), names)])  # never-blank ones
-    groups, d2 = attacks.anchor_groups(flat, values, pdim, extra=n - len(values))
-    scores = np.full((len(flat), n), -np.inf)
-    scores[:, names] = -d2
+    groups = np.full(len(flat), -1)
+    groups[placed], d2 = attacks.shifted_mixture(residual[placed], values, n)
+    scores = np.zeros((len(flat), n))  # an unplaced token: every position alike
+    scores[np.ix_(placed, names)] = -d2
     by_anchor = assign(scores.reshape(s, k, n))
-    moments = attacks.group_moments(flat, groups, noise_std)
+    moments = attacks.group_moments(flat[placed], groups[placed], noise_std)
     kernel, offsets, _ = attacks.estimate_head(
-        jax.random.key(seed), flat, groups, moments, names, ds.prior, steps=p.moments.steps,
+        jax.random.key(seed), flat[placed], groups[placed], moments, names, ds.prior,
+        steps=p.moments.steps,
         refine_steps=p.moments.refine_steps, rounds=p.moments.rounds, lr=p.moments.lr)
     model = attacks.linear_gaussian(kernel, offsets, ds.prior, noise_std, ridge=p.prior_ridge)
     return groups, by_anchor, linear_attack(config, model, sent, assign, ds.prior.mean)
@@ -391,15 +416,18 @@ def evaluate_point(config, ds: _Data, hd: _Head, point: dict, seed: int) -> dict
     assign = lambda scores: attacks.assign_positions(scores, order)
     accuracy = lambda found: mirror_accuracy(found, positions, n, ds.flips)
 
-    purity, spectral, blind = _grouping(config, ds, sent, positions, order,
-                                        point["noise_std"], seed + 1)
-    anchored = _anchors(config, ds, sent, assign, point["noise_std"], seed + 3,
-                        point.get("constant_patches", "placed") == "unplaced")
-    purity["anchors"] = (None if anchored is None else
-                         leakage.cluster_purity(anchored[0], positions.reshape(-1)))
+    unplaced = point.get("constant_patches", "placed") == "unplaced"
+    grouping, spectral, blind = _grouping(config, ds, sent, positions, order,
+                                                  point["noise_std"], seed + 1, unplaced)
+    anchored = _anchors(config, ds, sent, assign, point["noise_std"], seed + 3, unplaced)
+    truth = positions.reshape(-1)
+    has = _has_position(np.take_along_axis(ds.victim_patches, positions[..., None], axis=1
+                                           ).reshape(len(truth), -1), unplaced)
+    grouping["anchors"] = None if anchored is None else _grouped(anchored[0], truth, has)
     order_only = accuracy(assign(np.zeros((s, k, n))))
     token_link = _linkage(_token_similarity, sent, m, config.seed)
-    shared = dict(point, chance_accuracy=1.0 / n, order_only_accuracy=order_only, purity=purity,
+    shared = dict(point, chance_accuracy=1.0 / n, order_only_accuracy=order_only,
+                  grouping=grouping, position_share=float(has.mean()),
                   slot_consistency=attacks.slot_consistency(sent), mean_image=ds.mean_image)
 
     def learned(params):
@@ -454,11 +482,11 @@ def evaluate_point(config, ds: _Data, hd: _Head, point: dict, seed: int) -> dict
 
 def _checks(row: dict, margins) -> dict:
     """Whether one head's attacks stay near chance (within `margins`)."""
-    purity = row["purity"]
-    found = [v for name, v in purity.items() if name != "content_only" and v is not None]
+    found = [v for name, v in row["grouping"].items()
+             if name != "content_only" and v is not None]
     return dict(
         position=row["position_accuracy"] <= row["chance_accuracy"] + margins.accuracy,
-        grouping=max(found) <= purity["content_only"] + margins.purity,
+        grouping=max(found) <= margins.grouping * row["chance_accuracy"],
         reconstruction=(row["psnr"] <= row["mean_image"]["psnr"] + margins.psnr_db
                         and row["ssim"] <= row["mean_image"]["ssim"] + margins.ssim))
 
@@ -483,8 +511,9 @@ def answer(rows: list[dict], margins) -> dict:
 
     Near chance (the question): best position accuracy within `margins.accuracy` of 1/N
     (order-only included) and best reconstruction within `margins.psnr_db` / `margins.ssim`
-    of the public mean image. Strictly near chance: also grouping purity (k-means, residual,
-    slot) within `margins.purity` of what k-means on the true content alone reaches.
+    of the public mean image. Strictly near chance: also every grouping (k-means, residual,
+    slot, anchors; groups matched one-to-one to positions) at most `margins.grouping` times
+    chance (1/N).
     """
     default = next(r for r in rows if r["sweep"] == "grid")
     checks = {(r["label"], r["head"]): _checks(r, margins) for r in rows}
@@ -527,19 +556,21 @@ def markdown(summary: dict) -> str:
         f"1/N = {_pct(rows[0]['chance_accuracy'])}%. Guessing the public mean image: PSNR "
         f"{rows[0]['mean_image']['psnr']:.2f} dB, SSIM {rows[0]['mean_image']['ssim']:.3f}. "
         f"Wall time {summary['seconds'] / 60:.1f} min.", "",
-        "Position accuracy is the best attack's (in brackets); purity is the share of tokens "
-        "whose group's most common position is theirs, for k-means on the tokens, on the "
-        "tokens off their top P principal directions, for grouping by slot and by blank-patch "
-        "anchor (against k-means on the true patches: content alone). PSNR/SSIM: the best "
+        "Position accuracy is the best attack's (in brackets): positions named. Grouping: the "
+        "share of the tokens that carry a position (the rest were sent without one) whose "
+        "group is matched to their position, groups matched one-to-one to positions (chance "
+        "about 1/N), for k-means on the tokens, on the tokens off their top P principal "
+        "directions, by slot, and around blank-patch anchors with each sample's background "
+        "removed (against k-means on the true patches: content alone). PSNR/SSIM: the best "
         "reconstruction from one token set. Linkage: ROC AUC of telling two samples of one "
         "image from samples of two images."
         + (" Positions and images are scored up to a left-right mirror, because the site's "
            "augmentation mirrors images at random." if ref["flips"] else ""), "",
-        "| point | head | position acc. % | order only % | purity % k-means / residual / "
+        "| point | head | position acc. % | order only % | grouping % k-means / residual / "
         "slot / anchors (content) | PSNR dB | SSIM | linkage AUC | s |",
         "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        pur = r["purity"]
+        pur = r["grouping"]
         link = "n/a" if r["linkage_auc"] is None else f"{r['linkage_auc']:.3f}"
         lines.append(
             f"| {r['label']} | {r['head']} | {_pct(r['position_accuracy'])} "
@@ -568,7 +599,7 @@ def markdown(summary: dict) -> str:
     m = ans["margins"]
     lines += ["", f"Near chance means: best position accuracy <= 1/N + {m['accuracy']}, best "
               f"PSNR <= mean image + {m['psnr_db']} dB and SSIM <= mean image + {m['ssim']}; "
-              f"grouping: purity <= content-only purity + {m['purity']}. Near chance against "
+              f"every grouping <= {m['grouping']:g} x 1/N. Near chance against "
               "these attacks, not a proof against every attack.", ""]
     return "\n".join(lines)
 
@@ -589,10 +620,10 @@ def _reconstructions_figure(truth: np.ndarray, columns: dict, title: str) -> Fig
 
 
 def _print_row(row: dict) -> None:
-    pur = row["purity"]
+    pur = row["grouping"]
     link = "n/a" if row["linkage_auc"] is None else f"{row['linkage_auc']:.3f}"
     print(f"{row['label']:<38} {row['head']:<6} position {_pct(row['position_accuracy']):>5}% "
-          f"({row['position_attack']}), purity {_pct(pur['kmeans'])}/{_pct(pur['residual'])}/"
+          f"({row['position_attack']}), grouping {_pct(pur['kmeans'])}/{_pct(pur['residual'])}/"
           f"{_pct(pur['slot'])}/{_pct(pur.get('anchors'))}%, PSNR {row['psnr']:.1f} dB, "
           f"SSIM {row['ssim']:.3f}, "
           f"linkage AUC {link}, {row['seconds']:.1f} s", flush=True)

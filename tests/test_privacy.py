@@ -248,6 +248,57 @@ def test_almost_blank_patches_still_anchor_positions_when_blanks_are_unplaced():
         public))
 
 
+def _augmented(images: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Two samples of each image, augmented as a site does (flip, shift, contrast 0.2)."""
+    return audit.augment_copies(images, 2, privacy_fashion.get_config().site.augment,
+                                seed).reshape(-1, 28, 28, 1)
+
+
+def test_background_removed_every_placed_token_groups_by_position_without_the_head():
+    # Blanks unplaced lie on one line through the origin, each sample's at its background
+    # level: subtracting it undoes the contrast augmentation, the almost blank tokens then
+    # anchor every position, and one content distribution shifted to each anchor groups the
+    # placed tokens far better than the nearest anchor does.
+    victims = _augmented(_images("train", 600))
+    sent, positions = _payload(16, victims, "unplaced")
+    s, k, _ = sent.shape
+    flat, truth, rows = sent.reshape(-1, 16), positions.reshape(-1), np.repeat(np.arange(s), k)
+    blanks, unplaced = attacks.blank_tokens(flat, rows, s)
+    content = np.take_along_axis(_patches(victims), positions[..., None], axis=1)
+    constant = (content.max(-1) == content.min(-1)).reshape(-1)
+    assert np.array_equal(unplaced, constant)
+    kernel, _ = attacks.head_matrices(_head(16, 1)[1])
+    background = (victims.reshape(s, -1).min(-1) - MEAN) / STD
+    # float16's rounding of the tokens (norm ~ 2: steps of 2^-10) bounds the error; a sample
+    # that kept no blank patch gets the most common background (black), wrong when its
+    # contrast lifted the background
+    error = np.abs(blanks - background[:, None] * kernel.sum(0)).max(-1)
+    kept_blank = np.bincount(rows[unplaced], minlength=s) > 0
+    assert np.all(error[kept_blank] < 1e-2) and kept_blank.mean() > 0.9
+    residual = flat - blanks[rows]
+    anchors, near = attacks.near_repeats(residual, rows, N, radius=0.2, min_count=3)
+    placed = ~unplaced
+    nearest, _ = attacks.anchor_groups(residual[placed], anchors, P, extra=N - len(anchors))
+    mixture, _ = attacks.shifted_mixture(residual[placed], anchors, N)
+    by_nearest = leakage.grouping_accuracy(nearest, truth[placed])
+    by_mixture = leakage.grouping_accuracy(mixture, truth[placed])
+    assert by_mixture > 0.8 and by_mixture > by_nearest + 0.2
+    # Without offsets to find (a head with no position embedding) the same attack only
+    # groups content: the score comes from positions, not from how it is counted.
+    head, params = _head(16, 1)
+    blind = jax.tree.map(np.asarray, params)
+    blind["pos_embed"] = np.zeros_like(blind["pos_embed"])
+    tokens = np.asarray(head.clone(constant_patches="unplaced").apply(
+        {"params": blind}, (victims - MEAN) / STD)).astype(np.float16).astype(np.float32)
+    plain = np.take_along_axis(tokens, positions[..., None], axis=1).reshape(-1, 16)
+    blanks, unplaced = attacks.blank_tokens(plain, rows, s)
+    residual = plain - blanks[rows]
+    anchors, _ = attacks.near_repeats(residual, rows, N, radius=0.2, min_count=3)
+    if len(anchors):
+        groups, _ = attacks.shifted_mixture(residual[~unplaced], anchors, N)
+        assert leakage.grouping_accuracy(groups, truth[~unplaced]) < 0.25
+
+
 @pytest.mark.slow
 def test_a_secret_head_is_estimated_from_moments_when_positions_are_known():
     # All tokens in grid order (no permutation): each position's token covariance is
@@ -352,6 +403,12 @@ def test_accuracy_purity_and_auc_on_hand_cases():
     assert leakage.position_accuracy([1, 2, 3, 4], [1, 2, 0, 0]) == 0.5
     # Group 0 holds positions 5, 5, 7 (2 right); group 1 holds 7, 7 (2 right): 4 of 5.
     assert leakage.cluster_purity([0, 0, 0, 1, 1], [5, 5, 7, 7, 7]) == 0.8
+    # One-to-one: group 0 -> 5 (2 tokens), group 1 -> 7 (2): 4 of 5, as purity; but splitting
+    # position 7 over two groups gains purity and loses grouping (one group per position).
+    assert leakage.grouping_accuracy([0, 0, 0, 1, 1], [5, 5, 7, 7, 7]) == 0.8
+    assert leakage.cluster_purity([0, 0, 1, 2, 3], [5, 5, 7, 7, 7]) == 1.0
+    assert leakage.grouping_accuracy([0, 0, 1, 2, 3], [5, 5, 7, 7, 7]) == 0.6
+    assert leakage.grouping_accuracy([-1, 0, 0, 1, 1], [5, 5, 5, 7, 7]) == 0.8  # -1: wrong
     assert evaluation.roc_auc([3, 2, 1, 0], [1, 1, 0, 0]) == 1.0
     assert evaluation.roc_auc([0, 1, 2, 3], [1, 1, 0, 0]) == 0.0
     assert evaluation.roc_auc([1, 1, 1, 1], [1, 0, 1, 0]) == 0.5

@@ -21,6 +21,10 @@ What it knows of the head decides the attack:
   are sent without position, one tight cluster per position of the almost blank ones
   (`near_repeats`); the anchors are named by which are blank together in public images
   (`name_by_cooccurrence`) and every token joins its nearest anchor (`anchor_groups`).
+  With blanks unplaced, each sample's blank token (on one line through the origin) gives
+  its background, which is subtracted first (`blank_tokens`); then every placed token is
+  grouped by position as a mixture of one content distribution shifted to each position
+  (`shifted_mixture`), the strongest grouping here.
 
 `assign_positions` turns per-token scores into positions using what the server knows of the
 order (shuffled, sorted, or one permutation reused by a site). `assemble_images` rebuilds an
@@ -773,3 +777,84 @@ def remove_top_basis(x, num: int) -> np.ndarray:
     x = np.asarray(x, np.float64)
     _, vectors = np.linalg.eigh(x.T @ x)  # ascending eigenvalues
     return vectors[:, :x.shape[1] - num]
+
+
+# ---------------------------------------------- the payload's structure (head secret, linear)
+
+
+def blank_tokens(tokens, samples, num_samples: int,
+                 rtol: float = 2e-3) -> tuple[np.ndarray, np.ndarray]:
+    """Each sample's blank token: tokens `[T, D]` of samples `[T]` -> (`[num_samples, D]`,
+    `[T]` bool: the token lies on the blank line, so it was sent without a position).
+
+    With blank patches unplaced, a blank patch of background level `b` is `(b 1) W`: every
+    sample's blank token lies on one line through the origin (the head has no bias), at the
+    sample's own background (the contrast augmentation moves it). The line is the direction
+    of the payload's most common token (the black background's); a sample's blank token is
+    its darkest token on that line (within `rtol` of the token's norm: float16's rounding;
+    a uniform patch inside the object lies on it too, brighter), and the most common token
+    for a sample that kept no blank patch. Subtracting it from the sample's tokens leaves
+    `(x - b 1) W + o_n`: the contrast undone, the background gone.
+    """
+    tokens, samples = np.asarray(tokens, np.float64), np.asarray(samples)
+    values, which, counts = np.unique(tokens, axis=0, return_inverse=True, return_counts=True)
+    modal = values[counts.argmax()]
+    line = modal / np.linalg.norm(modal)
+    along = tokens @ line
+    off = np.linalg.norm(tokens - along[:, None] * line, axis=-1)
+    on_line = off <= rtol * np.linalg.norm(tokens, axis=-1)
+    out = np.broadcast_to(modal, (num_samples, tokens.shape[1])).copy()
+    # A uniform patch inside the object lies on the line too, brighter than the background:
+    # the darkest of a sample's tokens on the line (the farthest out along the modal one's
+    # direction, which is the black background's) is its background.
+    found = np.flatnonzero(on_line)
+    darkest = np.full(num_samples, -np.inf)
+    np.maximum.at(darkest, samples[found], along[found])
+    found = found[along[found] == darkest[samples[found]]]
+    out[samples[found]] = tokens[found]
+    return out, on_line
+
+
+def shifted_mixture(tokens, anchors, num_groups: int, iters: int = 10,
+                    ridge: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+    """Groups every token by position, without the head: a token at position n is
+    `o_n + c` with content `c = (x - b 1) W` drawn from one distribution at every position,
+    so the tokens are a mixture of one shape shifted to `num_groups` places. Fitted by
+    classification EM with one shared Gaussian for the content: each token joins the shift
+    it is most likely under (Mahalanobis distance with the content's covariance, far
+    sharper than the nearest shift because content varies along few directions), the
+    content's mean and covariance are re-estimated, then the shifts that no anchor fixes.
+
+    Args:
+      tokens: `[T, D]` placed tokens, background removed (`blank_tokens`).
+      anchors: `[G, D]` shifts known from almost blank tokens (`near_repeats`' centres,
+        content almost 0), G <= num_groups; they stay. The other shifts start at the
+        nearest-anchor grouping's extra groups (`anchor_groups`).
+
+    Returns:
+      `(groups [T], distances [T, num_groups])`: squared Mahalanobis distances.
+    """
+    tokens = np.asarray(tokens, np.float64)
+    anchors = np.asarray(anchors, np.float64)
+    fixed = len(anchors)
+    if fixed > num_groups:
+        raise SMSDError(f"{fixed} anchors for {num_groups} groups: give at most one anchor "
+                        "per group")
+    groups, _ = anchor_groups(tokens, anchors, tokens.shape[1], extra=num_groups - fixed)
+    shifts = np.concatenate([anchors, np.zeros((num_groups - fixed, tokens.shape[1]))])
+    for j in range(fixed, num_groups):
+        members = tokens[groups == j]
+        shifts[j] = members.mean(0) if len(members) else tokens.mean(0)
+    mean = np.zeros(tokens.shape[1])
+    for _ in range(iters):
+        content = tokens - shifts[groups]
+        mean = content.mean(0)
+        cov = np.cov(content.T) + ridge * np.eye(tokens.shape[1])
+        root = np.linalg.cholesky(np.linalg.inv(cov))  # whitening: |(t - s) L|^2
+        white, centres = tokens @ root, (shifts + mean) @ root
+        _, d2 = _nearest(white, centres)
+        groups = d2.argmin(-1)
+        for j in range(fixed, num_groups):
+            if np.any(groups == j):
+                shifts[j] = tokens[groups == j].mean(0) - mean
+    return groups, d2

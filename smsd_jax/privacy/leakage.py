@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from scipy import optimize
 
 from smsd_jax.errors import SMSDError
 
@@ -110,3 +111,29 @@ def cluster_purity(assignments, true_positions) -> float:
     table = np.zeros((a.max() + 1, t.max() + 1), np.int64)
     np.add.at(table, (a, t), 1)
     return float(table.max(axis=1).sum() / a.size)
+
+
+def grouping_accuracy(assignments, true_positions) -> float:
+    """How well tokens are grouped by position, the groups unnamed: each group matched to at
+    most one position and each position to at most one group (the best such matching), the
+    share of all tokens whose group is matched to their own position.
+
+    1.0 when the groups are the positions under other names; about 1/N for N groups drawn
+    at random; a token in no group (assignment -1) counts as wrong. Unlike `cluster_purity`,
+    many small groups do not score high: a position's tokens count only in one group.
+
+    Args:
+      assignments: group id of each token (ints >= -1, any shape).
+      true_positions: true grid position of each token (non-negative ints, same shape).
+    """
+    a, t = np.asarray(assignments).ravel(), np.asarray(true_positions).ravel()
+    if a.shape != t.shape or a.size == 0:
+        raise SMSDError(f"assignments ({np.shape(assignments)}) and true positions "
+                        f"({np.shape(true_positions)}) must be non-empty and of the same shape")
+    grouped = a >= 0
+    if not grouped.any():
+        return 0.0
+    table = np.zeros((a.max() + 1, t.max() + 1), np.int64)
+    np.add.at(table, (a[grouped], t[grouped]), 1)
+    rows, cols = optimize.linear_sum_assignment(table, maximize=True)
+    return float(table[rows, cols].sum() / a.size)
