@@ -383,6 +383,22 @@ def _anchors(config, ds: _Data, sent, assign, noise_std: float, seed: int, unpla
     return groups, by_anchor, linear_attack(config, model, sent, assign, ds.prior.mean)
 
 
+def grouping_bound(sent, positions, offsets, has, unplaced: bool) -> float:
+    """What grouping by position the payload's structure allows: `attacks.shifted_mixture`
+    started from the true offsets `[N, D]` (which no attacker holds; the attacks above must
+    find them), each sample's background removed as the attacks do. Informative for
+    defences: a setting whose bound is low leaves nothing for a better search to find."""
+    s, k, dim = sent.shape
+    flat, rows = sent.reshape(-1, dim), np.repeat(np.arange(s), k)
+    carries = np.ones(len(flat), bool)
+    if unplaced:
+        blanks, on_line = attacks.blank_tokens(flat, rows, s)
+        flat, carries = flat - blanks[rows], ~on_line
+    groups = np.full(len(flat), -1)
+    groups[carries], _ = attacks.shifted_mixture(flat[carries], offsets, len(offsets))
+    return _grouped(groups, positions.reshape(-1), has)
+
+
 def linear_attack(config, model: attacks.LinearGaussian, sent, assign, fill):
     """Positions by `gaussian_scores` and the order, then patches inverted there: the attack of
     a server that knows (or has estimated) the head. -> (positions `[S, K]`, images)."""
@@ -428,6 +444,7 @@ def evaluate_point(config, ds: _Data, hd: _Head, point: dict, seed: int) -> dict
     token_link = _linkage(_token_similarity, sent, m, config.seed)
     shared = dict(point, chance_accuracy=1.0 / n, order_only_accuracy=order_only,
                   grouping=grouping, position_share=float(has.mean()),
+                  grouping_bound=grouping_bound(sent, positions, hd.offsets, has, unplaced),
                   slot_consistency=attacks.slot_consistency(sent), mean_image=ds.mean_image)
 
     def learned(params):
@@ -561,14 +578,16 @@ def markdown(summary: dict) -> str:
         "group is matched to their position, groups matched one-to-one to positions (chance "
         "about 1/N), for k-means on the tokens, on the tokens off their top P principal "
         "directions, by slot, and around blank-patch anchors with each sample's background "
-        "removed (against k-means on the true patches: content alone). PSNR/SSIM: the best "
+        "removed (against k-means on the true patches: content alone). Bound: the same "
+        "grouping started from the true position offsets, which no attacker holds: what the "
+        "payload's structure allows a better search to find. PSNR/SSIM: the best "
         "reconstruction from one token set. Linkage: ROC AUC of telling two samples of one "
         "image from samples of two images."
         + (" Positions and images are scored up to a left-right mirror, because the site's "
            "augmentation mirrors images at random." if ref["flips"] else ""), "",
         "| point | head | position acc. % | order only % | grouping % k-means / residual / "
-        "slot / anchors (content) | PSNR dB | SSIM | linkage AUC | s |",
-        "|---|---|---|---|---|---|---|---|---|"]
+        "slot / anchors (content) | bound % | PSNR dB | SSIM | linkage AUC | s |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pur = r["grouping"]
         link = "n/a" if r["linkage_auc"] is None else f"{r['linkage_auc']:.3f}"
@@ -576,7 +595,8 @@ def markdown(summary: dict) -> str:
             f"| {r['label']} | {r['head']} | {_pct(r['position_accuracy'])} "
             f"({r['position_attack']}) | {_pct(r['order_only_accuracy'])} | "
             f"{_pct(pur['kmeans'])} / {_pct(pur['residual'])} / {_pct(pur['slot'])} / "
-            f"{_pct(pur.get('anchors'))} ({_pct(pur['content_only'])}) | {r['psnr']:.2f} "
+            f"{_pct(pur.get('anchors'))} ({_pct(pur['content_only'])}) | "
+            f"{_pct(r.get('grouping_bound'))} | {r['psnr']:.2f} "
             f"({r['reconstruction_attack']}) | "
             f"{r['ssim']:.3f} | {link} | {r['seconds']:.1f} |")
     listed = lambda labels: ", ".join(f"`{x}`" for x in labels) or "none"
