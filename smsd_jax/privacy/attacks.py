@@ -620,7 +620,8 @@ def blank_patches(patches) -> np.ndarray:
 
 
 def near_repeats(tokens, samples, max_groups: int, radius: float = 0.05,
-                 min_count: int = 3) -> tuple[np.ndarray, np.ndarray]:
+                 min_count: int = 3, max_links: int = 20_000_000
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """Near-blank anchors: tokens `[T, D]` of samples `[T]` -> (centres `[G, D]`, groups `[T]`).
 
     A patch that is almost blank (a few pixels off the background) gives `x W + o_n` with `x`
@@ -631,13 +632,18 @@ def near_repeats(tokens, samples, max_groups: int, radius: float = 0.05,
     tokens of one sample (a position appears once per sample; unplaced blanks repeat within a
     sample) and holds at least `min_count` tokens is a group, largest first, at most
     `max_groups`; -1 for every other token. Exact repeats are handled once each (a blank
-    value sent thousands of times is one point), so memory follows the distinct tokens.
+    value sent thousands of times is one point), so memory follows the distinct tokens; when
+    positions barely move the tokens (a small position embedding), far more than `max_links`
+    pairs are that close, and the radius is halved until they are not (tight clusters are
+    what this looks for).
     """
     tokens, samples = np.asarray(tokens, np.float64), np.asarray(samples)
     values, which, counts = np.unique(tokens, axis=0, return_inverse=True, return_counts=True)
     which = which.ravel()
     scale = radius * np.median(np.linalg.norm(tokens - tokens.mean(0), axis=-1))
     tree = spatial.cKDTree(values)
+    while tree.query_ball_point(values, scale, return_length=True).sum() > max_links:
+        scale /= 2
     near = tree.sparse_distance_matrix(tree, scale, output_type="coo_matrix")
     near.data[:] = 1.0  # linked; the diagonal's zero distances are stored too
     dense = (near @ counts) - 1 >= min_count  # tokens within `scale`, itself left out
