@@ -339,10 +339,11 @@ def _anchors(config, ds: _Data, sent, assign, noise_std: float, seed: int, unpla
     """Head secret, from the payload's exact repeats: blank patches give one token per blank
     position (`attacks.repeated_tokens`; with blank patches `unplaced`, each sample's blank
     token gives its background (`attacks.blank_tokens`), and once it is subtracted the
-    almost blank tokens cluster tightly by position, `attacks.near_repeats`); groups of them
-    are named by which are blank together (`attacks.name_by_cooccurrence`, against public
-    images); every placed token is grouped by position around them
-    (`attacks.shifted_mixture`), the head is estimated from the named groups' moments
+    almost blank tokens cluster tightly by position, `attacks.near_repeats`); every placed
+    token is grouped by position around them (`attacks.shifted_mixture`); the groups are
+    named by which are present together in a sample (`attacks.name_by_cooccurrence` against
+    public images: which positions are blank together, or with blanks unplaced, which hold
+    the object together), the head is estimated from the named groups' moments
     (`attacks.estimate_head`) and the payload attacked as if it were public.
 
     Returns:
@@ -364,13 +365,17 @@ def _anchors(config, ds: _Data, sent, assign, noise_std: float, seed: int, unpla
         values, repeated = attacks.repeated_tokens(flat, n, min_count=max(3, s // 50))
     if not len(values):
         return None
-    present = attacks.presence(repeated, rows, s, len(values))
-    public = (attacks.near_blank_patches(ds.public_patches, present.sum(1).mean() * n / k)
-              if unplaced else attacks.blank_patches(ds.public_patches))
-    names = attacks.name_by_cooccurrence(present, public, k, seed=seed)
-    names = np.concatenate([names, np.setdiff1d(np.arange(n), names)])  # never-blank ones
     groups = np.full(len(flat), -1)
     groups[placed], d2 = attacks.shifted_mixture(residual[placed], values, n)
+    if unplaced:  # every position's group: named by which positions hold the object together
+        present = attacks.presence(groups, rows, s, n)
+        public = ds.public_patches.max(-1) > ds.public_patches.min(-1)
+        names = attacks.name_by_cooccurrence(present, public, k, seed=seed)
+    else:  # the blank anchors: named by which positions are blank together
+        present = attacks.presence(repeated, rows, s, len(values))
+        names = attacks.name_by_cooccurrence(present, attacks.blank_patches(ds.public_patches),
+                                             k, seed=seed)
+        names = np.concatenate([names, np.setdiff1d(np.arange(n), names)])  # never blank
     scores = np.zeros((len(flat), n))  # an unplaced token: every position alike
     scores[np.ix_(placed, names)] = -d2
     by_anchor = assign(scores.reshape(s, k, n))

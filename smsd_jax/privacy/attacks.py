@@ -665,23 +665,6 @@ def near_repeats(tokens, samples, max_groups: int, radius: float = 0.05,
     return np.reshape(centres, (-1, tokens.shape[1])), groups
 
 
-def near_blank_patches(patches, per_image: float) -> np.ndarray:
-    """Public patches `[S, N, P]` -> `[S, N]` bool: the patches closest to the blank patch
-    without being it (L2 distance, as tokens are close), as many per image on average as
-    `per_image`: the public counterpart of `near_repeats`' groups."""
-    patches = np.asarray(patches)
-    blank = blank_patches(patches)
-    if not blank.any():
-        return np.zeros(patches.shape[:2], bool)
-    value = patches[blank][0, 0]
-    distance = np.where(blank, np.inf, np.linalg.norm(patches - value, axis=-1))
-    count = int(round(per_image * patches.shape[0]))
-    if count <= 0:
-        return np.zeros(patches.shape[:2], bool)
-    threshold = np.partition(distance.ravel(), count - 1)[count - 1]
-    return distance <= threshold
-
-
 def presence(groups, samples, num_samples: int, num_groups: int) -> np.ndarray:
     """Tokens' groups `[T]` (-1: none) and samples `[T]` -> `[num_samples, num_groups]` bool:
     group g among sample s's tokens (what `name_by_cooccurrence` reads)."""
