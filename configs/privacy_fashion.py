@@ -4,9 +4,11 @@ Command:
     python -m launch.main --config=configs/privacy_fashion.py --mode=privacy
 
 The sites' private images are the TRAIN split; the server's public images, on which it trains
-its attackers, are the TEST split (never the images it attacks). The head is the project's
-default (patch 4 -> 49 tokens of width D 128, position std 0.5), keep 0.5, M = 2 augmented
-samples per image. Settings: none, permutation, masking, both (the default), reused (one
+its attackers, are the TEST split (never the images it attacks). The head is the wide one
+that results/privacy.* were measured with (patch 4 -> 49 tokens of width D 128, blanks
+placed, position std 0.5); the project's default head is `--config.model.head_dim=16
+--config.model.constant_patches=unplaced` (results/privacy_default.*). Keep 0.5, M = 2
+augmented samples per image. Settings: none, permutation, masking, both (the default), reused (one
 permutation per site), each with the head public and secret; then sweeps around "both" of
 D (8, 16, 32, 128 against 16 values per patch), position std (0.02, 0.1, 0.5), keep (0.25,
 0.5, 1.0) and token noise std (0, 0.1, 0.5). Writes WORKDIR/results/privacy.{json,md} and
