@@ -199,7 +199,7 @@ def summarize(config, records: list[dict], attacked: list[dict]) -> dict:
             secret=dict(position_accuracy=secret["position_accuracy"],
                         position_attack=secret["position_attack"], psnr=secret["psnr"],
                         ssim=secret["ssim"], reconstruction_attack=secret["reconstruction_attack"],
-                        grouping=best_grouping(secret.get("grouping"))),
+                        grouping=audit.best_grouping(secret.get("grouping"))),
             public=dict(position_accuracy=public["position_accuracy"], psnr=public["psnr"],
                         ssim=public["ssim"]),
             chance_accuracy=secret["chance_accuracy"], mean_image=secret["mean_image"],
@@ -214,14 +214,6 @@ def summarize(config, records: list[dict], attacked: list[dict]) -> dict:
 
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
-
-
-def best_grouping(grouping: dict | None) -> float | None:
-    """The best of the audit's groupings by position (content alone left out), None when the
-    attacks were run before grouping was measured."""
-    found = [v for name, v in (grouping or {}).items()
-             if name != "content_only" and v is not None]
-    return max(found, default=None)
 
 
 def markdown(summary: dict) -> str:

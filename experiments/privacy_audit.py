@@ -273,7 +273,7 @@ def _cluster(key, x, k: int, iters: int) -> np.ndarray:
 
 
 def _grouping(config, ds: _Data, sent, positions, order: str, noise_std: float,
-              seed: int, unplaced: bool) -> tuple[dict, float, tuple]:
+              seed: int, has: np.ndarray) -> tuple[dict, float, tuple]:
     """Head-agnostic grouping of the payload's tokens by position.
 
     k-means on the tokens, on their residual off the top P principal directions (D > P
@@ -283,7 +283,7 @@ def _grouping(config, ds: _Data, sent, positions, order: str, noise_std: float,
     their spectra.
 
     Grouping is `leakage.grouping_accuracy` (groups matched one-to-one to positions) over
-    the tokens that carry a position.
+    the tokens that carry a position (`has`, `[S*K]`).
 
     Returns:
       `(grouping, accuracy of the spectral names, (tokens, groups, moments, labels,
@@ -298,7 +298,6 @@ def _grouping(config, ds: _Data, sent, positions, order: str, noise_std: float,
                                               replace=False)
     content = np.take_along_axis(ds.victim_patches, positions[..., None], axis=1)
     slots = np.broadcast_to(np.arange(k), (s, k)).ravel()
-    has = _has_position(content.reshape(-1, pdim), unplaced)
     key = jax.random.key(seed)
     groups = _cluster(key, flat[pick], n, p.kmeans_iters)
     by_content = _cluster(key, content.reshape(-1, pdim)[pick], n, p.kmeans_iters)
@@ -335,7 +334,8 @@ def _grouped(groups, truth, has) -> float:
     return leakage.grouping_accuracy(np.asarray(groups)[has], np.asarray(truth)[has])
 
 
-def _anchors(config, ds: _Data, sent, assign, noise_std: float, seed: int, unplaced: bool):
+def _anchors(config, ds: _Data, sent, background: tuple, assign, noise_std: float, seed: int,
+             unplaced: bool):
     """Head secret, from the payload's exact repeats: blank patches give one token per blank
     position (`attacks.repeated_tokens`; with blank patches `unplaced`, each sample's blank
     token gives its background (`attacks.blank_tokens`), and once it is subtracted the
@@ -355,10 +355,8 @@ def _anchors(config, ds: _Data, sent, assign, noise_std: float, seed: int, unpla
     s, k, dim = sent.shape
     n = ds.victim_patches.shape[1]
     flat, rows = sent.reshape(-1, dim), np.repeat(np.arange(s), k)
-    placed, residual = np.ones(len(flat), bool), flat
+    residual, placed = background  # `_without_background`
     if unplaced:  # exact blanks carry no position but give each sample's background
-        blanks, on_line = attacks.blank_tokens(flat, rows, s)
-        placed, residual = ~on_line, flat - blanks[rows]
         values, repeated = attacks.near_repeats(residual, rows, n, p.near_radius,
                                                 min_count=max(3, s // 200))
     else:  # a blank position is blank in more than 1 sample in 50; rarer repeats are noise
@@ -382,26 +380,35 @@ def _anchors(config, ds: _Data, sent, assign, noise_std: float, seed: int, unpla
     moments = attacks.group_moments(flat[placed], groups[placed], noise_std)
     kernel, offsets, _ = attacks.estimate_head(
         jax.random.key(seed), flat[placed], groups[placed], moments, names, ds.prior,
-        steps=p.moments.steps,
-        refine_steps=p.moments.refine_steps, rounds=p.moments.rounds, lr=p.moments.lr)
+        steps=p.moments.steps, refine_steps=p.moments.refine_steps, rounds=p.moments.rounds,
+        lr=p.moments.lr)
     model = attacks.linear_gaussian(kernel, offsets, ds.prior, noise_std, ridge=p.prior_ridge)
     return groups, by_anchor, linear_attack(config, model, sent, assign, ds.prior.mean)
 
 
-def grouping_bound(sent, positions, offsets, has, unplaced: bool) -> float:
+def grouping_bound(background: tuple, positions, offsets, has) -> float:
     """What grouping by position the payload's structure allows: `attacks.shifted_mixture`
     started from the true offsets `[N, D]` (which no attacker holds; the attacks above must
-    find them), each sample's background removed as the attacks do. Informative for
-    defences: a setting whose bound is low leaves nothing for a better search to find."""
-    s, k, dim = sent.shape
-    flat, rows = sent.reshape(-1, dim), np.repeat(np.arange(s), k)
-    carries = np.ones(len(flat), bool)
-    if unplaced:
-        blanks, on_line = attacks.blank_tokens(flat, rows, s)
-        flat, carries = flat - blanks[rows], ~on_line
-    groups = np.full(len(flat), -1)
-    groups[carries], _ = attacks.shifted_mixture(flat[carries], offsets, len(offsets))
+    find them), on the tokens as the attacks see them (`background`: the payload's
+    `_without_background`). Informative for defences: a setting whose bound is low leaves
+    nothing for a better search to find."""
+    residual, placed = background
+    groups = np.full(len(residual), -1)
+    groups[placed], _ = attacks.shifted_mixture(residual[placed], offsets, len(offsets))
     return _grouped(groups, positions.reshape(-1), has)
+
+
+def _without_background(sent, unplaced: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The payload's tokens `[S*K, D]`, less each sample's blank token when blanks are sent
+    unplaced (`attacks.blank_tokens`), and `[S*K]` bool: the token was sent with a position
+    (as far as the server can tell)."""
+    s, k, dim = sent.shape
+    flat = sent.reshape(-1, dim)
+    if not unplaced:
+        return flat, np.ones(len(flat), bool)
+    rows = np.repeat(np.arange(s), k)
+    blanks, on_line = attacks.blank_tokens(flat, rows, s)
+    return flat - blanks[rows], ~on_line
 
 
 def linear_attack(config, model: attacks.LinearGaussian, sent, assign, fill):
@@ -438,18 +445,20 @@ def evaluate_point(config, ds: _Data, hd: _Head, point: dict, seed: int) -> dict
     accuracy = lambda found: mirror_accuracy(found, positions, n, ds.flips)
 
     unplaced = point.get("constant_patches", "placed") == "unplaced"
-    grouping, spectral, blind = _grouping(config, ds, sent, positions, order,
-                                                  point["noise_std"], seed + 1, unplaced)
-    anchored = _anchors(config, ds, sent, assign, point["noise_std"], seed + 3, unplaced)
     truth = positions.reshape(-1)
     has = _has_position(np.take_along_axis(ds.victim_patches, positions[..., None], axis=1
                                            ).reshape(len(truth), -1), unplaced)
+    grouping, spectral, blind = _grouping(config, ds, sent, positions, order,
+                                          point["noise_std"], seed + 1, has)
+    background = _without_background(sent, unplaced)
+    anchored = _anchors(config, ds, sent, background, assign, point["noise_std"], seed + 3,
+                        unplaced)
     grouping["anchors"] = None if anchored is None else _grouped(anchored[0], truth, has)
     order_only = accuracy(assign(np.zeros((s, k, n))))
     token_link = _linkage(_token_similarity, sent, m, config.seed)
     shared = dict(point, chance_accuracy=1.0 / n, order_only_accuracy=order_only,
                   grouping=grouping, position_share=float(has.mean()),
-                  grouping_bound=grouping_bound(sent, positions, hd.offsets, has, unplaced),
+                  grouping_bound=grouping_bound(background, positions, hd.offsets, has),
                   slot_consistency=attacks.slot_consistency(sent), mean_image=ds.mean_image)
 
     def learned(params):
@@ -502,13 +511,19 @@ def evaluate_point(config, ds: _Data, hd: _Head, point: dict, seed: int) -> dict
 # --------------------------------------------------------------------------- the answer
 
 
+def best_grouping(grouping: dict | None) -> float | None:
+    """The best of a row's groupings by position (content alone left out); None when there is
+    none (attacks run before grouping was measured)."""
+    found = [v for name, v in (grouping or {}).items()
+             if name != "content_only" and v is not None]
+    return max(found, default=None)
+
+
 def _checks(row: dict, margins) -> dict:
     """Whether one head's attacks stay near chance (within `margins`)."""
-    found = [v for name, v in row["grouping"].items()
-             if name != "content_only" and v is not None]
     return dict(
         position=row["position_accuracy"] <= row["chance_accuracy"] + margins.accuracy,
-        grouping=max(found) <= margins.grouping * row["chance_accuracy"],
+        grouping=best_grouping(row["grouping"]) <= margins.grouping * row["chance_accuracy"],
         reconstruction=(row["psnr"] <= row["mean_image"]["psnr"] + margins.psnr_db
                         and row["ssim"] <= row["mean_image"]["ssim"] + margins.ssim))
 
@@ -594,13 +609,13 @@ def markdown(summary: dict) -> str:
         "slot / anchors (content) | bound % | PSNR dB | SSIM | linkage AUC | s |",
         "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        pur = r["grouping"]
+        grp = r["grouping"]
         link = "n/a" if r["linkage_auc"] is None else f"{r['linkage_auc']:.3f}"
         lines.append(
             f"| {r['label']} | {r['head']} | {_pct(r['position_accuracy'])} "
             f"({r['position_attack']}) | {_pct(r['order_only_accuracy'])} | "
-            f"{_pct(pur['kmeans'])} / {_pct(pur['residual'])} / {_pct(pur['slot'])} / "
-            f"{_pct(pur.get('anchors'))} ({_pct(pur['content_only'])}) | "
+            f"{_pct(grp['kmeans'])} / {_pct(grp['residual'])} / {_pct(grp['slot'])} / "
+            f"{_pct(grp.get('anchors'))} ({_pct(grp['content_only'])}) | "
             f"{_pct(r.get('grouping_bound'))} | {r['psnr']:.2f} "
             f"({r['reconstruction_attack']}) | "
             f"{r['ssim']:.3f} | {link} | {r['seconds']:.1f} |")
@@ -645,11 +660,11 @@ def _reconstructions_figure(truth: np.ndarray, columns: dict, title: str) -> Fig
 
 
 def _print_row(row: dict) -> None:
-    pur = row["grouping"]
+    grp = row["grouping"]
     link = "n/a" if row["linkage_auc"] is None else f"{row['linkage_auc']:.3f}"
     print(f"{row['label']:<38} {row['head']:<6} position {_pct(row['position_accuracy']):>5}% "
-          f"({row['position_attack']}), grouping {_pct(pur['kmeans'])}/{_pct(pur['residual'])}/"
-          f"{_pct(pur['slot'])}/{_pct(pur.get('anchors'))}%, PSNR {row['psnr']:.1f} dB, "
+          f"({row['position_attack']}), grouping {_pct(grp['kmeans'])}/{_pct(grp['residual'])}/"
+          f"{_pct(grp['slot'])}/{_pct(grp.get('anchors'))}%, PSNR {row['psnr']:.1f} dB, "
           f"SSIM {row['ssim']:.3f}, "
           f"linkage AUC {link}, {row['seconds']:.1f} s", flush=True)
 

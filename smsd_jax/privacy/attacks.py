@@ -786,7 +786,7 @@ def blank_tokens(tokens, samples, num_samples: int,
     `(x - b 1) W + o_n`: the contrast undone, the background gone.
     """
     tokens, samples = np.asarray(tokens, np.float64), np.asarray(samples)
-    values, which, counts = np.unique(tokens, axis=0, return_inverse=True, return_counts=True)
+    values, counts = np.unique(tokens, axis=0, return_counts=True)
     modal = values[counts.argmax()]
     line = modal / np.linalg.norm(modal)
     along = tokens @ line
@@ -834,7 +834,6 @@ def shifted_mixture(tokens, anchors, num_groups: int, iters: int = 10,
     for j in range(fixed, num_groups):
         members = tokens[groups == j]
         shifts[j] = members.mean(0) if len(members) else tokens.mean(0)
-    mean = np.zeros(tokens.shape[1])
     for _ in range(iters):
         content = tokens - shifts[groups]
         mean = content.mean(0)

@@ -104,13 +104,8 @@ def cluster_purity(assignments, true_positions) -> float:
       assignments: group id of each token (non-negative ints, any shape).
       true_positions: true grid position of each token (non-negative ints, same shape).
     """
-    a, t = np.asarray(assignments).ravel(), np.asarray(true_positions).ravel()
-    if a.shape != t.shape or a.size == 0:
-        raise SMSDError(f"assignments ({np.shape(assignments)}) and true positions "
-                        f"({np.shape(true_positions)}) must be non-empty and of the same shape")
-    table = np.zeros((a.max() + 1, t.max() + 1), np.int64)
-    np.add.at(table, (a, t), 1)
-    return float(table.max(axis=1).sum() / a.size)
+    table, total = _contingency(assignments, true_positions)
+    return float(table.max(axis=1).sum() / total)
 
 
 def grouping_accuracy(assignments, true_positions) -> float:
@@ -126,14 +121,19 @@ def grouping_accuracy(assignments, true_positions) -> float:
       assignments: group id of each token (ints >= -1, any shape).
       true_positions: true grid position of each token (non-negative ints, same shape).
     """
+    table, total = _contingency(assignments, true_positions)
+    rows, cols = optimize.linear_sum_assignment(table, maximize=True)
+    return float(table[rows, cols].sum() / total)
+
+
+def _contingency(assignments, true_positions) -> tuple[np.ndarray, int]:
+    """`[groups, positions]` token counts of a grouping (tokens in group -1 left out), and
+    the number of tokens."""
     a, t = np.asarray(assignments).ravel(), np.asarray(true_positions).ravel()
     if a.shape != t.shape or a.size == 0:
         raise SMSDError(f"assignments ({np.shape(assignments)}) and true positions "
                         f"({np.shape(true_positions)}) must be non-empty and of the same shape")
     grouped = a >= 0
-    if not grouped.any():
-        return 0.0
-    table = np.zeros((a.max() + 1, t.max() + 1), np.int64)
+    table = np.zeros((max(a.max(), 0) + 1, t.max() + 1), np.int64)
     np.add.at(table, (a[grouped], t[grouped]), 1)
-    rows, cols = optimize.linear_sum_assignment(table, maximize=True)
-    return float(table[rows, cols].sum() / a.size)
+    return table, a.size
