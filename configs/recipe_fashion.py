@@ -55,5 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # Settings whose step costs more than the reference's: run at its compute.
         equal_compute=("local6", "local10", "local_keep_0.4"),
         deadline_minutes=0.0,  # > 0: start no run after this long (the next call resumes)
+        # A results/recipe.json whose runs of the same config are taken, not run again (a
+        # recipe spread over machines or days); empty: none.
+        resume_from="",
     )
     return base.apply_variants(c, arg, OWN, config=__file__)

@@ -97,5 +97,8 @@ def get_config(arg: str | None = None):
         ablation_partition="dirichlet",
         ablation_finetune=False,  # ablations: linear probe and k-NN only (saves CPU time)
         pixels=True,  # raw-pixel linear probe and k-NN as a reference row
+        # A results/study.json whose runs of the same config are taken, not run again (a
+        # study spread over machines or days); empty: none.
+        resume_from="",
     )
     return base.apply_variants(c, arg, OWN, config=__file__)

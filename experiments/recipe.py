@@ -16,7 +16,10 @@ reference and the random bodies are also fine-tuned; the other settings are prob
 
 Each run is a folder with its `run.json` (`study.run_plan`), so a stopped recipe resumes;
 `config.recipe.deadline_minutes` starts no run after that long, and the results then hold the
-runs done so far. Writes `WORKDIR/results/recipe.{json,md,png}`.
+runs done so far. Writes `WORKDIR/results/recipe.{json,md,png}`; the JSON keeps every run's
+record, and `config.recipe.resume_from=<that JSON>` takes the runs it records (of the same
+config: `study.fingerprint`) instead of running them again, so a recipe can be spread over
+machines or days.
 """
 
 from __future__ import annotations
@@ -28,10 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import frontier, study
-from smsd_jax import data, downstream, export, files, models, report
+from smsd_jax import consortium, data, downstream, export, files, models, report
 from smsd_jax.errors import SMSDError
 from smsd_jax.layout import Layout
 
+
+# config.recipe keys that only say which runs the recipe holds or when it stops.
+PLAN_KEYS = tuple(f"recipe.{k}" for k in ("settings", "equal_compute", "deadline_minutes",
+                                           "resume_from"))
 
 
 def probes(config) -> list[tuple[str, str]]:
@@ -74,7 +81,8 @@ def plan(config) -> list[dict]:
     runs, inits = [], set()
     for i, (name, overrides) in enumerate(r.settings):
         init = frontier.setting_config(config, overrides).model.init  # fails early if bad
-        runs.append(dict(kind="smsd", name=name, overrides=overrides, dir=name))
+        runs.append(dict(kind="smsd", name=name, overrides=overrides, dir=name,
+                         equal_compute=name in r.equal_compute))
         if i == 0:
             runs.append(dict(kind="pixels", name="raw pixels", overrides="", dir="raw_pixels"))
         if init not in inits:
@@ -94,16 +102,15 @@ def _probes_only(c):
 def _execute(config, run: dict, root: Path, train, test) -> dict:
     r = config.recipe
     base = study.seeded(config, r.seed, r.partition)
-    c = setting(base, run["overrides"], run["name"] in r.equal_compute)
+    c = setting(base, run["overrides"], run.get("equal_compute", False))
     if run["kind"] == "pixels":
         return dict(name=run["name"], results=downstream.evaluate_pixels(c, train, test))
     if run["kind"] == "random":
-        head_dir = Layout(root / run["head_from"]).head
-        if not head_dir.exists():
-            raise SMSDError(f"{head_dir} is missing: the random body is probed with the head "
-                            f"of run {run['head_from']!r}, which runs first")
+        head_run = Layout(root / run["head_from"])
+        if not head_run.head.exists():  # that run's record was taken from elsewhere
+            consortium.set_up(c, head_run)
         body = models.body_from_config(c)
-        results = downstream.evaluate_body(c, head_dir, body, None, train_source=train,
+        results = downstream.evaluate_body(c, head_run.head, body, None, train_source=train,
                                            test_source=test, name=run["name"])
         return dict(name=run["name"], init=c.model.init, results=results)
     reference = run["name"] == r.settings[0][0]
@@ -235,9 +242,12 @@ def run_recipe(config, workdir: Layout | str | Path) -> dict:
     layout = Layout.of(workdir)
     root = layout.root / "recipe"
     train, test = data.load_source(config.data, "train"), data.load_source(config.data, "test")
-    records = study.run_plan(plan(config), root,
+    runs = [dict(run, fingerprint=study.fingerprint(config, run, PLAN_KEYS))
+            for run in plan(config)]
+    records = study.run_plan(runs, root,
                              lambda run, run_dir: _execute(config, run, root, train, test),
-                             name="recipe", deadline_s=60 * config.recipe.deadline_minutes)
-    summary = summarise(config, records)
+                             name="recipe", deadline_s=60 * config.recipe.deadline_minutes,
+                             kept=study.recorded_runs(config.recipe.resume_from))
+    summary = dict(summarise(config, records), runs=records)
     files.write_results(layout.results, "recipe", summary, markdown(summary), figure(summary))
     return summary

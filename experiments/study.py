@@ -16,14 +16,18 @@ images. Per image, image multi-crop costs more FLOPs than SMSD's token views; th
 measured and reported, not matched. Ablations change one SMSD setting each (`config.study`).
 
 Each run writes `run.json` in its own folder when it is complete; running the command again
-skips complete runs, so an interrupted study resumes. Results: `WORKDIR/results/study.json`,
-`study.md` and PNG figures (`study.summary`).
+skips complete runs, so an interrupted study resumes. Results: `WORKDIR/results/study.json`
+(with every run's record), `study.md` and PNG figures (`study.summary`).
+`config.study.resume_from=<a study.json>` takes the runs that file records, where their config
+is the same (`fingerprint`), instead of running them again: a study spread over machines.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -41,6 +45,10 @@ METHODS = ("smsd", "fedavg_dino", "centralized_dino", "finetune_only")
 POOLED = ("centralized_dino", "finetune_only")  # do not depend on how the sites split the data
 IMAGE_DINO = ("fedavg_dino", "centralized_dino")  # run only for config.study.image_dino_seeds
 RUN_FILE = "run.json"
+# config.study keys that only say which runs the study holds (`fingerprint`).
+PLAN_KEYS = tuple(f"study.{k}" for k in ("seeds", "image_dino_seeds", "partitions", "methods",
+                                          "pixels", "ablations", "ablation_seed",
+                                          "ablation_partition", "resume_from"))
 
 
 # ---------------------------------------------------------------- settings of a run
@@ -226,18 +234,55 @@ def _execute(config, run: dict, run_dir: Path, train, test) -> dict:
     return record
 
 
+def fingerprint(config, run: dict, plan_keys: tuple[str, ...] = ()) -> str:
+    """A hash of what `run`'s record depends on: `config`, without its workdir and the keys
+    that only say which runs a plan holds or when it stops (`plan_keys`, dotted: a plan's list
+    of seeds or settings, its deadline), and the run itself. A recorded run is taken again
+    (`run_plan`'s `kept`) only where its fingerprint is the same."""
+    tree = config.to_dict()
+    for key in ("workdir", *plan_keys):
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(leaf, None)
+    text = json.dumps([tree, run], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def recorded_runs(path: str) -> dict[str, dict]:
+    """The records of a plan's results JSON (its "runs", each with its "dir" and
+    "fingerprint"), by run folder: runs done before, elsewhere (`run_plan`'s `kept`). An
+    empty `path` gives none."""
+    if not path:
+        return {}
+    records = files.read_json(path).get("runs", [])
+    return {r["dir"]: r for r in records if "dir" in r and "fingerprint" in r}
+
+
 def run_plan(runs: list[dict], root: Path, execute, name: str = "study",
-             deadline_s: float = 0.0, after=None) -> list[dict]:
+             deadline_s: float = 0.0, after=None, kept: dict[str, dict] | None = None
+             ) -> list[dict]:
     """Runs each of `runs` (dicts with a "dir" under `root`) with `execute(run, run_dir)`,
     which returns the run's record; a run whose `run.json` exists is kept, so a stopped plan
-    resumes. Prints a line per run with its time and the ETA. `deadline_s` > 0: no run starts
-    after that many seconds (the plan resumes later). `after(records)`, if given, is called
-    with the records so far after each run done now (to write partial results). Returns the
-    records of the runs done, in order."""
+    resumes. `kept`: records of runs done before elsewhere, by dir (`recorded_runs`: a plan
+    spread over machines); a run not done here is taken from there when the two have the
+    same "fingerprint" (`fingerprint`; runs without one never are). Each record carries its
+    run's "dir" and "fingerprint". Prints a line per run with its time and the ETA.
+    `deadline_s` > 0: no run starts after that many seconds (the plan resumes later).
+    `after(records)`, if given, is called with the records so far after each run done now
+    (to write partial results). Returns the records of the runs done, in order."""
     records, start, spent = [], time.perf_counter(), []
     for i, run in enumerate(runs):
         run_dir = root / run["dir"]
         done = run_dir / RUN_FILE
+        old = (kept or {}).get(run["dir"])
+        if not done.exists() and old is not None and "fingerprint" in run:
+            if old["fingerprint"] == run["fingerprint"]:
+                files.write_json(done, old)
+            else:
+                print(f"{name}: the record of {run['dir']} was made with another config; "
+                      "it runs again", flush=True)
         if not done.exists() and deadline_s and time.perf_counter() - start > deadline_s:
             print(f"{name}: deadline of {deadline_s / 60:.0f} min reached; {run['dir']} and "
                   "the runs after it are left for the next call", flush=True)
@@ -249,7 +294,9 @@ def run_plan(runs: list[dict], root: Path, execute, name: str = "study",
             t = time.perf_counter()
             print(f"{name} [{i + 1}/{len(runs)}] {run['dir']} ...", flush=True)
             record = execute(run, run_dir)
-            record["seconds"] = time.perf_counter() - t
+            record.update(seconds=time.perf_counter() - t, dir=run["dir"])
+            if "fingerprint" in run:
+                record["fingerprint"] = run["fingerprint"]
             files.write_json(done, record)
             spent.append(record["seconds"])
             if after is not None:
@@ -268,10 +315,12 @@ def run_study(config, workdir: Layout | str | Path) -> dict:
     train, test = data.load_source(config.data, "train"), data.load_source(config.data, "test")
     execute = lambda run, run_dir: dict(_execute(config, run, run_dir, train, test),
                                         ablation=run["ablation"])
-    records = run_plan(plan(config), layout.study, execute)
+    runs = [dict(run, fingerprint=fingerprint(config, run, PLAN_KEYS)) for run in plan(config)]
+    records = run_plan(runs, layout.study, execute,
+                       kept=recorded_runs(config.study.resume_from))
     summary = summary_tables.summarize(config, records)
     # The runs' own times: a resumed study counts each run once, where it ran.
-    summary["wall_s"] = float(sum(r.get("seconds", 0.0) for r in records))
+    summary.update(wall_s=float(sum(r.get("seconds", 0.0) for r in records)), runs=records)
     paths = summary_tables.write(summary, layout.results)
     for path in paths:
         print(f"study: {path}")

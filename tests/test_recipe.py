@@ -10,6 +10,7 @@ import pytest
 from configs import recipe_fashion
 from experiments import recipe
 from smsd_jax.errors import SMSDError
+from smsd_jax.layout import Layout
 from tests.test_pipeline import ROOT
 
 pytestmark = pytest.mark.slow
@@ -61,6 +62,27 @@ def test_a_costlier_step_gets_fewer_epochs_for_the_same_compute(run):
 def test_a_stopped_recipe_resumes_without_running_again(run):
     _, stdout = run
     assert stdout.count("done before, kept") == 6  # 3 settings, raw pixels, 2 random bodies
+
+
+def test_another_machine_takes_the_runs_that_the_results_record(run, tmp_path):
+    workdir, _ = run
+    recorded = json.loads((workdir / "results" / "recipe.json").read_text())
+    # The DINO-init random body is not recorded: it runs here, on its reference's head drawn
+    # again from the config's keys, since the reference itself ran elsewhere.
+    recorded["runs"] = [r for r in recorded["runs"] if r["dir"] != "random_dino"]
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(recorded))
+    elsewhere = tmp_path / "elsewhere"
+    out = subprocess.run(
+        [sys.executable, "-m", "launch.main", "--config=configs/recipe_fashion.py:tiny",
+         "--mode=recipe", f"--workdir={elsewhere}", f"--config.recipe.resume_from={path}"],
+        cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    assert out.count("done before, kept") == 5 and "random_dino ..." in out
+    again = json.loads((elsewhere / "results" / "recipe.json").read_text())
+    assert [r["probes"] for r in again["rows"]] == [r["probes"] for r in recorded["rows"]]
+    head = lambda root: json.loads((Layout(root / "recipe" / "reference").head / "meta.json")
+                                   .read_text())["fingerprint"]
+    assert head(elsewhere) == head(workdir)
 
 
 def test_a_bad_setting_is_refused_before_anything_runs():

@@ -144,3 +144,34 @@ def test_a_plan_starts_no_run_after_its_deadline_and_resumes_later(tmp_path):
     again = comparison.run_plan(runs, tmp_path, execute)
     assert calls == ["run0", "run1", "run2"]  # run0 kept from its run.json
     assert [r["name"] for r in again] == ["run0", "run1", "run2"]
+
+
+def test_a_plan_takes_recorded_runs_of_the_same_fingerprint_only(tmp_path, capsys):
+    runs = [dict(dir=f"run{i}", fingerprint=f"f{i}") for i in range(3)]
+    calls = []
+
+    def execute(run, run_dir):
+        calls.append(run["dir"])
+        return dict(name=f"{run['dir']} here")
+
+    kept = {"run0": dict(name="run0 elsewhere", dir="run0", fingerprint="f0"),
+            "run1": dict(name="run1 elsewhere", dir="run1", fingerprint="old")}
+    records = comparison.run_plan(runs, tmp_path, execute, kept=kept)
+    assert calls == ["run1", "run2"]  # run0 taken; run1 was recorded with another config
+    assert [r["name"] for r in records] == ["run0 elsewhere", "run1 here", "run2 here"]
+    assert [(r["dir"], r["fingerprint"]) for r in records] == [("run0", "f0"), ("run1", "f1"),
+                                                                ("run2", "f2")]
+    assert "run1 was made with another config" in capsys.readouterr().out
+
+
+def test_a_fingerprint_ignores_which_runs_a_plan_holds_but_not_what_a_run_is():
+    config = study_fashion.get_config()
+    run = comparison.plan(config)[0]
+    before = comparison.fingerprint(config, run, comparison.PLAN_KEYS)
+    config.study.seeds = (0, 1, 2)
+    config.workdir = "elsewhere"
+    assert comparison.fingerprint(config, run, comparison.PLAN_KEYS) == before
+    config.server.lr = 2 * config.server.lr
+    assert comparison.fingerprint(config, run, comparison.PLAN_KEYS) != before
+    assert comparison.fingerprint(config, dict(run, seed=9), ()) != comparison.fingerprint(
+        config, run, ())
