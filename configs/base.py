@@ -79,8 +79,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The frozen head every site shares; the server never sees it. head_dim: the width of the
     # tokens it makes; 0: the body's width (model.size's), no stem; > 0: the body learns a
     # per-token linear stem from head_dim to its width (docs/method.md, "Head and model").
-    # constant_patches "unplaced": a patch of equal values (blank background) is sent
-    # without its position (models.ViTHead; docs/threat_model.md says what it hides).
+    # constant_patches "unplaced": a blank patch (values all equal: blank background) is sent
+    # without its position (models.ViTHead; docs/threat_model.md says what it hides);
+    # blank_range > 0: patches whose values span at most that much (in [0, 1] pixels) count
+    # as blank too, so no almost blank patch is sent with its position.
     # The default, from the privacy-utility frontier (results/frontier.md): tokens no wider
     # than the values of a patch (16 for 4x4 grayscale) and blank patches unplaced.
     # per_site_heads: each site draws its own secret head, kept at the site, and the body
@@ -89,7 +91,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # init: the body's weight matrices at init, "dino" (trunc_normal 0.02) or "lecun" (Flax's
     # lecun_normal; models.INITS).
     c.model = dict(size="small4", patch_size=4, pos_std=0.5, dtype="float32", attention="",
-                   head_dim=16, constant_patches="unplaced", per_site_heads=False, init="dino")
+                   head_dim=16, constant_patches="unplaced", blank_range=0.0,
+                   per_site_heads=False, init="dino")
 
     # Stage 1: each site encodes its images once.
     c.site = dict(

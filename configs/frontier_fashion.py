@@ -11,9 +11,12 @@ configs/privacy_fashion.py (2,000 train images attacked, 4,000 test images publi
 payload made with the same head width, position std, keep and noise.
 Settings: the head width D (128, the default before 2026-12-03, then 16 = the values of a 4x4
 grayscale patch, 8 and 32); around D 16: token noise, keep, position std, the Gaussian
-mechanism at epsilon 9.9 per image (delta 1e-5). CPU budget: about 15 min a setting on 2 free
-cores (the quickstart's time), so about 2 hours for all; run it as a background job. Writes
-results/frontier.{json,md,png}.
+mechanism at epsilon 9.9 per image (delta 1e-5), faint patches unplaced as well as blank ones,
+no position embedding. CPU budget: about 15 min a setting on 2 free cores (the quickstart's
+time), so about 3 hours for all; run it as a background job, or in parts:
+`--config.frontier.deadline_minutes=M` stops starting settings after M minutes, and
+`--config.frontier.resume_from=results/frontier.json` (a copy of the results of an earlier
+part) takes the settings done there. Writes results/frontier.{json,md,png}.
 
 Variants (comma-separated after the path, applied in order): `:runlocal` (configs/base.py's
 runlocal: the first 4,000 images, 3 server epochs; minutes a setting), `:tiny` (seconds: the
@@ -70,6 +73,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             ("d16_pos0.1", "model.head_dim=16 model.pos_std=0.1"),
             # Clip 4 is about a D-16 token's norm; multiplier 7: epsilon 9.9 at delta 1e-5.
             ("d16_dp_eps9.9", "model.head_dim=16 site.dp_clip=4.0 site.dp_noise_multiplier=7.0"),
+            # Beyond the blanks: faint patches (values within 0.3) unplaced too; no position
+            # embedding at all (the tokens carry content alone).
+            ("d16_blank0.3", "model.head_dim=16 model.constant_patches=unplaced "
+                             "model.blank_range=0.3"),
+            ("d16_nopos", "model.head_dim=16 model.pos_std=0.0"),
         ),
+        deadline_minutes=0.0,  # > 0: start no setting after this long (the next call resumes)
+        # A results/frontier.json whose settings of the same config are taken, not run again
+        # (a frontier spread over machines or days); empty: none.
+        resume_from="",
     )
     return base.apply_variants(c, arg, OWN, config=__file__)

@@ -10,9 +10,12 @@ site.token_noise=0.1"). For each, two measurements of the same settings:
 - privacy: every attack of the audit (`audit.evaluate_point`) on a payload made with the
   setting's head width, position std, keep and noise, with the head public and secret.
 
-Each setting's utility run is a folder with its `run.json` (`comparison.run_plan`) and its
-attacks a `privacy.json` beside it, so a stopped frontier resumes. Writes
-`WORKDIR/results/frontier.{json,md,png}`.
+Each setting is a folder with its `run.json` (`comparison.run_plan`: its utility record and
+its attacks), so a stopped frontier resumes; `config.frontier.deadline_minutes` starts no
+setting after that long. Writes `WORKDIR/results/frontier.{json,md,png}`; the JSON keeps every
+setting's record, and `config.frontier.resume_from=<that JSON>` takes the settings it records
+(of the same config: `comparison.fingerprint`) instead of running them again, so a frontier
+can be spread over machines or days.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from smsd_jax.privacy import dp_accountant
 from experiments import privacy_audit as audit
 from experiments import study as comparison
 
-PRIVACY_FILE = "privacy.json"
+# config.frontier keys that only say which runs the frontier holds or when it stops.
+PLAN_KEYS = tuple(f"frontier.{k}" for k in ("settings", "deadline_minutes", "resume_from"))
 
 
 # ---------------------------------------------------------------- settings
@@ -112,13 +116,13 @@ def audit_point(config) -> dict:
     point = dict(setting="both", sweep="frontier", dim=dim, pos_std=config.model.pos_std,
                  keep=config.site.keep, noise_std=noise_std, dp_clip=float(config.site.dp_clip),
                  dp_noise_multiplier=float(config.site.dp_noise_multiplier),
-                 constant_patches=config.model.constant_patches)
+                 constant_patches=config.model.constant_patches,
+                 blank_range=config.model.blank_range)
     point["label"] = (f"both D{dim} pos{point['pos_std']:g} keep{point['keep']:g} "
                       f"noise{noise_std:.3g}" + (f" dp{point['dp_clip']:g}x"
                                                  f"{point['dp_noise_multiplier']:g}"
                                                  if point["dp_clip"] else "")
-                      + (f" {point['constant_patches']}" if point["constant_patches"] != "placed"
-                         else ""))
+                      + audit.blank_label(point))
     return point
 
 
@@ -132,11 +136,8 @@ def _utility(config, run: dict, run_dir: Path, train, test) -> dict:
     return dict(record, name=run["name"], overrides=run["overrides"])
 
 
-def _privacy(config, run: dict, run_dir: Path, prepared) -> dict:
-    """The audit's attacks on the setting's payload (kept in `run_dir/privacy.json`)."""
-    path = run_dir / PRIVACY_FILE
-    if path.exists():
-        return files.read_json(path)
+def _privacy(config, run: dict, prepared) -> dict:
+    """The audit's attacks on the setting's payload."""
     c = setting_config(config, run["overrides"])
     point = audit_point(c)
     t = time.perf_counter()
@@ -148,7 +149,6 @@ def _privacy(config, run: dict, run_dir: Path, prepared) -> dict:
           f"{100 * rows['secret']['position_accuracy']:.1f}% "
           f"({rows['secret']['position_attack']}), PSNR {rows['secret']['psnr']:.2f} dB",
           flush=True)
-    files.write_json(path, out)
     return out
 
 
@@ -156,14 +156,17 @@ def run_frontier(config, workdir: Layout | str | Path) -> dict:
     """Runs (or resumes) every setting's utility run and attacks; writes the frontier."""
     layout = Layout.of(workdir)
     root = layout.root / "frontier"
-    runs = plan(config)
     train, test = data.load_source(config.data, "train"), data.load_source(config.data, "test")
-    records = comparison.run_plan(
-        runs, root, lambda run, run_dir: _utility(config, run, run_dir, train, test),
-        name="frontier")
     prepared = audit.prepare(config)
-    attacked = [_privacy(config, run, root / run["dir"], prepared) for run in runs]
-    summary = summarize(config, records, attacked)
+
+    def execute(run: dict, run_dir: Path) -> dict:
+        record = _utility(config, run, run_dir, train, test)
+        return dict(record, privacy=_privacy(config, run, prepared))
+
+    runs, kept = comparison.spread(config, plan(config), PLAN_KEYS, config.frontier.resume_from)
+    records = comparison.run_plan(runs, root, execute, name="frontier",
+                                  deadline_s=60 * config.frontier.deadline_minutes, kept=kept)
+    summary = dict(summarize(config, records), runs=records)
     files.write_results(layout.results, "frontier", summary, markdown(summary), figure(summary))
     return summary
 
@@ -176,13 +179,14 @@ def _accuracy(results: dict, probe: str, fraction: str) -> float | None:
     return None if entry is None else float(entry["accuracy"])
 
 
-def summarize(config, records: list[dict], attacked: list[dict]) -> dict:
+def summarize(config, records: list[dict]) -> dict:
     """One point per setting: its accuracies, its best attacks (head secret and public), its
     upload per image and, with the Gaussian mechanism, its epsilon per image."""
     fractions = [f"{f:g}" for f in config.downstream.label_fractions]
     tuned = [f"{f:g}" for f in config.downstream.finetune_fractions]
     points = []
-    for record, privacy in zip(records, attacked):
+    for record in records:
+        privacy = record["privacy"]
         c = setting_config(config, record["overrides"])
         k = ops.num_kept((config.data.image_size // c.model.patch_size) ** 2, c.site.keep)
         secret, public = privacy["rows"]["secret"], privacy["rows"]["public"]
@@ -203,7 +207,7 @@ def summarize(config, records: list[dict], attacked: list[dict]) -> dict:
             public=dict(position_accuracy=public["position_accuracy"], psnr=public["psnr"],
                         ssim=public["ssim"]),
             chance_accuracy=secret["chance_accuracy"], mean_image=secret["mean_image"],
-            seconds=record.get("seconds", 0.0) + privacy["seconds"]))
+            seconds=record.get("seconds", 0.0)))  # the utility run and the attacks
     return dict(setup=dict(images=config.data.subset or "all", sites=config.data.num_sites,
                            partition=config.frontier.partition, seed=config.frontier.seed,
                            model=config.model.size, server_epochs=config.server.epochs,

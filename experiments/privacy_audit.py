@@ -36,7 +36,7 @@ SETTINGS = {
     "reused": (True, True, True, "fixed"),           # both, one mask + permutation per site
 }
 HEADS = ("public", "secret")
-KNOBS = ("dim", "pos_std", "keep", "noise_std", "constant_patches")
+KNOBS = ("dim", "pos_std", "keep", "noise_std", "constant_patches", "blank_range")
 PSNR_CAP_DB = 100.0  # an exact reconstruction has infinite PSNR; the mean stays finite
 KNOB_COSTS = {
     "setting": "permutation costs no accuracy (the body is order-blind); masking keeps fewer "
@@ -78,7 +78,8 @@ def points(config) -> list[dict]:
     p = config.privacy
     default = dict(dim=models.token_width(config), pos_std=config.model.pos_std,
                    keep=config.site.keep, noise_std=p.noise_std,
-                   constant_patches=config.model.constant_patches)
+                   constant_patches=config.model.constant_patches,
+                   blank_range=config.model.blank_range)
     out = [dict(default, setting=s, sweep="grid") for s in p.settings]
     for knob, values in p.sweeps.items():
         if knob not in KNOBS:
@@ -89,9 +90,22 @@ def points(config) -> list[dict]:
         keep = point["keep"] if SETTINGS[point["setting"]][0] else 1.0
         point.update(keep=keep, label=f"{point['setting']} D{point['dim']} "
                      f"pos{point['pos_std']:g} keep{keep:g} noise{point['noise_std']:g}"
-                     + ("" if point["constant_patches"] == "placed"
-                        else f" {point['constant_patches']}"))
+                     + blank_label(point))
     return out
+
+
+def blank_label(point: dict) -> str:
+    """How a point treats blank patches, for its label: "" (placed, the default), else
+    " unplaced" and the range of values that counts as blank."""
+    return ("" if point["constant_patches"] == "placed" else f" {point['constant_patches']}") \
+        + (f" blank<={point['blank_range']:g}" if point.get("blank_range") else "")
+
+
+def blank_mask(config, patches: np.ndarray, point: dict) -> np.ndarray:
+    """Normalised patches `[..., N, P]` -> `[..., N]` bool: blank under `point`'s
+    `blank_range` (in [0, 1] pixels; `models.blank_patches`)."""
+    return np.asarray(models.blank_patches(
+        patches, point.get("blank_range", 0.0) / config.data.std))
 
 
 # ----------------------------------------------------------------------------- data
@@ -174,7 +188,8 @@ def setup_head(config, ds: _Data, point: dict) -> _Head:
     dim, pos_std, noise_std = point["dim"], point["pos_std"], point["noise_std"]
     clip = point.get("dp_clip", 0.0)
     head = models.ViTHead(c.image_size, config.model.patch_size, dim, pos_std,
-                          constant_patches=point.get("constant_patches", "placed"))
+                          constant_patches=point.get("constant_patches", "placed"),
+                          blank_range=point.get("blank_range", 0.0) / c.std)
     blank = jnp.zeros((1, c.image_size, c.image_size, c.channels))
     init = jax.jit(head.init)
     victim_params = init(jax.random.key(p.head_seed), blank)["params"]
@@ -321,21 +336,13 @@ def _grouping(config, ds: _Data, sent, positions, order: str, noise_std: float,
     return grouping, spectral, (tokens, groups, moments, labels, p.moments.rounds)
 
 
-def _has_position(patches: np.ndarray, unplaced: bool) -> np.ndarray:
-    """`[T, P]` true patches -> `[T]` bool: the token carries its position (every token,
-    unless constant patches are sent unplaced)."""
-    if not unplaced:
-        return np.ones(len(patches), bool)
-    return patches.max(-1) > patches.min(-1)
-
-
 def _grouped(groups, truth, has) -> float:
     """`leakage.grouping_accuracy` over the tokens that carry a position."""
     return leakage.grouping_accuracy(np.asarray(groups)[has], np.asarray(truth)[has])
 
 
 def _anchors(config, ds: _Data, sent, background: tuple, assign, noise_std: float, seed: int,
-             unplaced: bool):
+             public_placed: np.ndarray | None):
     """Head secret, from the payload's exact repeats: blank patches give one token per blank
     position (`attacks.repeated_tokens`; with blank patches `unplaced`, each sample's blank
     token gives its background (`attacks.blank_tokens`), and once it is subtracted the
@@ -346,12 +353,16 @@ def _anchors(config, ds: _Data, sent, background: tuple, assign, noise_std: floa
     the object together), the head is estimated from the named groups' moments
     (`attacks.estimate_head`) and the payload attacked as if it were public.
 
+    `public_placed`: `[n_public, N]` bool, the public patches a site would send with their
+    position, when blank patches are sent unplaced; None when every patch is placed.
+
     Returns:
       None when nothing repeats (token noise), else `(groups [S*K], -1 for a token sent
       without position, positions by anchor [S, K], positions and images by the estimated
       head)`.
     """
     p = config.privacy
+    unplaced = public_placed is not None
     s, k, dim = sent.shape
     n = ds.victim_patches.shape[1]
     flat, rows = sent.reshape(-1, dim), np.repeat(np.arange(s), k)
@@ -367,8 +378,7 @@ def _anchors(config, ds: _Data, sent, background: tuple, assign, noise_std: floa
     groups[placed], d2 = attacks.shifted_mixture(residual[placed], values, n)
     if unplaced:  # every position's group: named by which positions hold the object together
         present = attacks.presence(groups, rows, s, n)
-        public = ds.public_patches.max(-1) > ds.public_patches.min(-1)
-        names = attacks.name_by_cooccurrence(present, public, k, seed=seed)
+        names = attacks.name_by_cooccurrence(present, public_placed, k, seed=seed)
     else:  # the blank anchors: named by which positions are blank together
         present = attacks.presence(repeated, rows, s, len(values))
         names = attacks.name_by_cooccurrence(present, attacks.blank_patches(ds.public_patches),
@@ -437,6 +447,7 @@ def evaluate_point(config, ds: _Data, hd: _Head, point: dict, seed: int) -> dict
       "secret": reconstructions of the first images' sample 0, [e, H, W, C]}}`.
     """
     order = SETTINGS[point["setting"]][3]
+    blank = blank_mask(config, ds.victim_patches, point)  # [S, N]
     sent, positions = (np.asarray(a) for a in make_payload(
         jax.random.key(seed), jnp.asarray(hd.tokens), point["setting"], point["keep"]))
     s, k, _ = sent.shape
@@ -446,13 +457,14 @@ def evaluate_point(config, ds: _Data, hd: _Head, point: dict, seed: int) -> dict
 
     unplaced = point.get("constant_patches", "placed") == "unplaced"
     truth = positions.reshape(-1)
-    has = _has_position(np.take_along_axis(ds.victim_patches, positions[..., None], axis=1
-                                           ).reshape(len(truth), -1), unplaced)
+    # The tokens sent with their position: every one, or with blanks unplaced the others.
+    has = ~np.take_along_axis(blank, positions, axis=1).reshape(-1) if unplaced \
+        else np.ones(len(truth), bool)
     grouping, spectral, blind = _grouping(config, ds, sent, positions, order,
                                           point["noise_std"], seed + 1, has)
     background = _without_background(sent, unplaced)
     anchored = _anchors(config, ds, sent, background, assign, point["noise_std"], seed + 3,
-                        unplaced)
+                        ~blank_mask(config, ds.public_patches, point) if unplaced else None)
     grouping["anchors"] = None if anchored is None else _grouped(anchored[0], truth, has)
     order_only = accuracy(assign(np.zeros((s, k, n))))
     token_link = _linkage(_token_similarity, sent, m, config.seed)
@@ -690,15 +702,16 @@ def run_privacy(config, workdir: Layout | str | Path) -> dict:
     by_head = {}
     for index, point in enumerate(all_points):
         by_head.setdefault((point["dim"], point["pos_std"], point["noise_std"],
-                            point["constant_patches"]), []).append(index)
+                            point["constant_patches"], point["blank_range"]), []).append(index)
     print(f"privacy: {len(all_points)} points x {len(HEADS)} heads, {len(by_head)} heads to "
           f"train attackers for; data ready in {time.perf_counter() - start:.1f} s", flush=True)
     rows, examples = {}, {head: {} for head in HEADS}
     truth = ds.victim[::ds.num_samples][:p.num_examples]
-    for (dim, pos_std, noise_std, constant), indices in by_head.items():
+    for (dim, pos_std, noise_std, *_), indices in by_head.items():
         t = time.perf_counter()
         hd = setup_head(config, ds, all_points[indices[0]])
-        print(f"head D{dim} pos{pos_std:g} noise{noise_std:g} {constant}: attackers trained in "
+        print(f"head D{dim} pos{pos_std:g} noise{noise_std:g}"
+              f"{blank_label(all_points[indices[0]])}: attackers trained in "
               f"{time.perf_counter() - t:.1f} s (final loss with the victim's head "
               f"{hd.losses['leaked']:.3f}, own head {hd.losses['own']:.3f})", flush=True)
         for index in indices:

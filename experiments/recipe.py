@@ -242,12 +242,11 @@ def run_recipe(config, workdir: Layout | str | Path) -> dict:
     layout = Layout.of(workdir)
     root = layout.root / "recipe"
     train, test = data.load_source(config.data, "train"), data.load_source(config.data, "test")
-    runs = [dict(run, fingerprint=study.fingerprint(config, run, PLAN_KEYS))
-            for run in plan(config)]
+    runs, kept = study.spread(config, plan(config), PLAN_KEYS, config.recipe.resume_from)
     records = study.run_plan(runs, root,
                              lambda run, run_dir: _execute(config, run, root, train, test),
                              name="recipe", deadline_s=60 * config.recipe.deadline_minutes,
-                             kept=study.recorded_runs(config.recipe.resume_from))
+                             kept=kept)
     summary = dict(summarise(config, records), runs=records)
     files.write_results(layout.results, "recipe", summary, markdown(summary), figure(summary))
     return summary

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from configs import base
 from smsd_jax import baselines, consortium, cost, data, distill, downstream, export, files
 from smsd_jax import models, server, site
 from smsd_jax.errors import SMSDError
@@ -234,18 +235,29 @@ def _execute(config, run: dict, run_dir: Path, train, test) -> dict:
     return record
 
 
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    """A nested dict's leaves by dotted key."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
 def fingerprint(config, run: dict, plan_keys: tuple[str, ...] = ()) -> str:
-    """A hash of what `run`'s record depends on: `config`, without its workdir and the keys
-    that only say which runs a plan holds or when it stops (`plan_keys`, dotted: a plan's list
-    of seeds or settings, its deadline), and the run itself. A recorded run is taken again
+    """A hash of what `run`'s record depends on: the keys of `config` that differ from the
+    project's defaults (`configs/base.py`: so that an option added later at its default, which
+    changes no run, keeps the runs recorded before it), without its workdir and the keys that
+    only say which runs a plan holds or when it stops (`plan_keys`, dotted: a plan's list of
+    seeds or settings, its deadline), and the run itself. A recorded run is taken again
     (`run_plan`'s `kept`) only where its fingerprint is the same."""
-    tree = config.to_dict()
-    for key in ("workdir", *plan_keys):
-        *parents, leaf = key.split(".")
-        node = tree
-        for part in parents:
-            node = node.get(part, {})
-        node.pop(leaf, None)
+    defaults = _leaves(base.get_config().to_dict())
+    left_out = ("workdir", *plan_keys)
+    tree = {k: v for k, v in _leaves(config.to_dict()).items()
+            if not any(k == o or k.startswith(o + ".") for o in left_out)
+            and (k not in defaults or v != defaults[k])}
     text = json.dumps([tree, run], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -258,6 +270,14 @@ def recorded_runs(path: str) -> dict[str, dict]:
         return {}
     records = files.read_json(path).get("runs", [])
     return {r["dir"]: r for r in records if "dir" in r and "fingerprint" in r}
+
+
+def spread(config, runs: list[dict], plan_keys: tuple[str, ...], resume_from: str
+           ) -> tuple[list[dict], dict[str, dict]]:
+    """A plan that may be spread over machines: `runs`, each with its `fingerprint`, and the
+    runs recorded in `resume_from` (`recorded_runs`), for `run_plan`'s `kept`."""
+    return ([dict(run, fingerprint=fingerprint(config, run, plan_keys)) for run in runs],
+            recorded_runs(resume_from))
 
 
 def run_plan(runs: list[dict], root: Path, execute, name: str = "study",
@@ -315,9 +335,8 @@ def run_study(config, workdir: Layout | str | Path) -> dict:
     train, test = data.load_source(config.data, "train"), data.load_source(config.data, "test")
     execute = lambda run, run_dir: dict(_execute(config, run, run_dir, train, test),
                                         ablation=run["ablation"])
-    runs = [dict(run, fingerprint=fingerprint(config, run, PLAN_KEYS)) for run in plan(config)]
-    records = run_plan(runs, layout.study, execute,
-                       kept=recorded_runs(config.study.resume_from))
+    runs, kept = spread(config, plan(config), PLAN_KEYS, config.study.resume_from)
+    records = run_plan(runs, layout.study, execute, kept=kept)
     summary = summary_tables.summarize(config, records)
     # The runs' own times: a resumed study counts each run once, where it ran.
     summary.update(wall_s=float(sum(r.get("seconds", 0.0) for r in records)), runs=records)

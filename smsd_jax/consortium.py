@@ -26,12 +26,15 @@ from smsd_jax.layout import Layout
 FORMAT = "smsd-head/1"
 
 
-def head_fingerprint(params, constant_patches: str = "placed") -> str:
-    """A short hash that identifies the head (its weights, and its rule for constant patches
-    when that is not the default) and does not reveal it."""
-    tree = params if constant_patches == "placed" else dict(
-        params, constant_patches=np.frombuffer(constant_patches.encode(), np.uint8))
-    return artifacts.tree_checksum(tree)[:16]
+def head_fingerprint(params, constant_patches: str = "placed", blank_range: float = 0.0) -> str:
+    """A short hash that identifies the head (its weights, and its rule for blank patches
+    where that is not the default) and does not reveal it."""
+    rules = {}
+    if constant_patches != "placed":
+        rules["constant_patches"] = np.frombuffer(constant_patches.encode(), np.uint8)
+    if blank_range:
+        rules["blank_range"] = np.float64(blank_range)
+    return artifacts.tree_checksum(dict(params, **rules) if rules else params)[:16]
 
 
 def init_head(config, path: str | Path, secret_seed: int | None = None,
@@ -55,11 +58,12 @@ def init_head(config, path: str | Path, secret_seed: int | None = None,
     head = models.head_from_config(config)
     images = jnp.zeros((1, head.image_size, head.image_size, config.data.channels))
     params = head.init(key, images)["params"]
-    fingerprint = head_fingerprint(params, head.constant_patches)
+    fingerprint = head_fingerprint(params, head.constant_patches, head.blank_range)
     artifacts.save_artifact(path, params, dict(
         format=FORMAT, fingerprint=fingerprint, image_size=head.image_size,
         patch_size=head.patch_size, dim=head.dim, pos_std=head.pos_std,
-        constant_patches=head.constant_patches, channels=config.data.channels,
+        constant_patches=head.constant_patches, blank_range=head.blank_range,
+        channels=config.data.channels,
         keys=keys.label(public=secret_seed is not None)))
     return fingerprint
 
@@ -82,15 +86,17 @@ def load_head(path: str | Path, expected_fingerprint: str | None = None):
     if meta.get("format") != FORMAT:
         raise SMSDError(f"{path} is not a head written by init (format {meta.get('format')!r},"
                         f" expected {FORMAT!r})")
-    constant_patches = meta.get("constant_patches", "placed")  # heads before the option
-    if head_fingerprint(params, constant_patches) != meta["fingerprint"]:
+    # Heads written before the options have neither.
+    constant_patches = meta.get("constant_patches", "placed")
+    blank_range = float(meta.get("blank_range", 0.0))
+    if head_fingerprint(params, constant_patches, blank_range) != meta["fingerprint"]:
         raise SMSDError(f"{path}: the head's weights do not match its fingerprint")
     if expected_fingerprint and meta["fingerprint"] != expected_fingerprint:
         raise SMSDError(f"{path}: head fingerprint {meta['fingerprint']} is not the "
                         f"consortium's {expected_fingerprint}; get the head from the consortium")
     head = models.ViTHead(image_size=meta["image_size"], patch_size=meta["patch_size"],
                           dim=meta["dim"], pos_std=meta["pos_std"],
-                          constant_patches=constant_patches)
+                          constant_patches=constant_patches, blank_range=blank_range)
     return head, params, meta
 
 

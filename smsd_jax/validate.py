@@ -41,6 +41,8 @@ def check_config(config) -> None:
              m.per_site_heads, "needs model.head_dim > 0: each site's head gets its own stem")
     _require(m.constant_patches in models.CONSTANT_PATCHES, "model.constant_patches",
              m.constant_patches, f"use one of {models.CONSTANT_PATCHES}")
+    _require(0 <= m.blank_range < 1, "model.blank_range", m.blank_range,
+             "must be in [0, 1): the widest span of [0, 1] pixel values a blank patch has")
     _require(m.init in models.INITS, "model.init", m.init, f"use one of {tuple(models.INITS)}")
     _require(config.downstream.linear_features in models.LINEAR_FEATURES,
              "downstream.linear_features", config.downstream.linear_features,

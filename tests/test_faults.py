@@ -157,6 +157,7 @@ def test_collapse_is_warned_about(tmp_path):
     ("--config.model.patch_size=5", "must divide data.image_size=28"),
     ("--config.data.source=imagenet", "config.data.source='imagenet'"),
     ("--config.model.head_dim=-1", "config.model.head_dim=-1: must be 0"),
+    ("--config.model.blank_range=1.5", "config.model.blank_range=1.5: must be in [0, 1)"),
 ])
 @pytest.mark.slow
 def test_bad_config_is_refused_before_any_work(tmp_path, override, message):

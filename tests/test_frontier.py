@@ -90,3 +90,12 @@ def test_tiny_frontier_from_the_cli_writes_points_and_resumes(tmp_path):
     assert "done before, kept" in again.stdout
     assert [p.stat().st_mtime_ns for p in runs] == stamps
     assert json.loads((results / "frontier.json").read_text())["points"] == summary["points"]
+    # Another machine takes the settings the results record instead of running them again.
+    elsewhere = subprocess.run(
+        [*command[:-1], f"--workdir={tmp_path / 'elsewhere'}",
+         f"--config.frontier.resume_from={results / 'frontier.json'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert elsewhere.returncode == 0, elsewhere.stderr[-3000:]
+    assert elsewhere.stdout.count("done before, kept") == 2
+    taken = json.loads((tmp_path / "elsewhere" / "results" / "frontier.json").read_text())
+    assert taken["points"] == summary["points"]

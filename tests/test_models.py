@@ -101,6 +101,28 @@ def test_unplaced_head_sends_constant_patches_without_their_position():
                                placed.apply({"params": params}, noisy), atol=1e-6)
 
 
+def test_a_blank_range_unplaces_almost_blank_patches_too():
+    """On real images: with `blank_range` every patch whose values span at most that much is
+    sent as `W x` alone (a faint edge as much as blank background); wider ones keep `W x + P`."""
+    images = fashion_mnist("test").images[:8].astype(np.float32) / 255.0
+    head = models.ViTHead(image_size=28, patch_size=4, dim=DIM, constant_patches="unplaced")
+    params = head.init(jax.random.key(0), images)["params"]
+    placed = np.asarray(head.clone(constant_patches="placed").apply({"params": params}, images))
+    patches = np.asarray(models.patchify(jnp.asarray(images), 4))
+    span = patches.max(-1) - patches.min(-1)
+    pos = np.asarray(params["pos_embed"])
+    for blank_range in (0.0, 0.3):
+        tokens = np.asarray(head.clone(blank_range=blank_range).apply({"params": params},
+                                                                      images))
+        blank = np.asarray(models.blank_patches(jnp.asarray(patches), blank_range))
+        np.testing.assert_array_equal(blank, span <= blank_range)
+        np.testing.assert_allclose(tokens[~blank], placed[~blank], atol=1e-6)
+        np.testing.assert_allclose(tokens[blank], (placed - pos)[blank], atol=1e-5)
+    # Real images have faint patches between blank and content: the range unplaces them.
+    faint = (span > 0) & (span <= 0.3)
+    assert faint.sum() > 10 and (span > 0.3).sum() > 10
+
+
 def test_unknown_constant_patches_rule_is_refused():
     head = models.ViTHead(image_size=28, patch_size=4, dim=DIM, constant_patches="hidden")
     with pytest.raises(Exception, match="constant_patches='hidden'; use one of"):

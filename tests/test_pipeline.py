@@ -126,6 +126,22 @@ def test_unplaced_head_round_trips_and_changes_the_fingerprint(tmp_path):
     assert (unplaced_counts >= 5).sum() < (placed_counts >= 5).sum()
 
 
+def test_a_heads_blank_range_round_trips_and_changes_the_fingerprint(tmp_path):
+    """`model.blank_range` (in [0, 1] pixels) is the head's rule in its own units (normalised
+    pixels): written, read back, and in the fingerprint, so sites with other rules disagree."""
+    config = _config()
+    fingerprints = {}
+    for blank_range in (0.0, 0.3):
+        config.model.blank_range = blank_range
+        path = tmp_path / f"head_{blank_range}"
+        fingerprints[blank_range] = consortium.init_head(config, path, secret_seed=0)
+        head, _, meta = consortium.load_head(path)
+        assert head.blank_range == pytest.approx(blank_range / config.data.std)
+        assert meta["fingerprint"] == fingerprints[blank_range]
+        assert head == models.head_from_config(config)
+    assert fingerprints[0.0] != fingerprints[0.3]
+
+
 def test_payloads_from_different_heads_are_refused_naming_the_site(tmp_path):
     config = _config()
     a, _, _ = _encode(tmp_path, config, "site_a", head_name="head_a", head_seed=0, n=32)

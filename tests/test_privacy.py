@@ -304,6 +304,39 @@ def test_background_removed_every_placed_token_groups_by_position_without_the_he
 
 
 @pytest.mark.slow
+def test_unplacing_almost_blank_patches_too_leaves_positions_grouped():
+    # A defence that sends faint patches (values spanning at most 0.3) without position as
+    # well: fewer tokens carry a position, but those that do still group by position without
+    # the head (the next faintest patches anchor each position), and from the true offsets
+    # almost all of them: what groups is the offsets added to bounded content, not the blanks.
+    victims = _augmented(_images("train", 600))
+    head, params = _head(16, 1)
+    x = (victims - MEAN) / STD
+    found = {}
+    for blank_range in (0.0, 0.3):
+        unplaced = head.clone(constant_patches="unplaced", blank_range=blank_range / STD)
+        tokens = np.asarray(unplaced.apply({"params": params}, x))
+        sent, positions = (np.asarray(a) for a in ops.encrypt(jax.random.key(3), jnp.asarray(
+            tokens.astype(np.float16).astype(np.float32)), 0.5))
+        s, k, _ = sent.shape
+        flat, truth, rows = sent.reshape(-1, 16), positions.reshape(-1), np.repeat(np.arange(s), k)
+        blank = np.asarray(models.blank_patches(models.patchify(x, PATCH), blank_range / STD))
+        has = ~np.take_along_axis(blank, positions, axis=1).reshape(-1)
+        blanks, on_line = attacks.blank_tokens(flat, rows, s)
+        residual, placed = flat - blanks[rows], ~on_line
+        anchors, _ = attacks.near_repeats(residual, rows, N, radius=0.2, min_count=3)
+        groups, bound = np.full(len(flat), -1), np.full(len(flat), -1)
+        groups[placed], _ = attacks.shifted_mixture(residual[placed], anchors, N)
+        offsets = np.asarray(params["pos_embed"])
+        bound[placed], _ = attacks.shifted_mixture(residual[placed], offsets, N)
+        found[blank_range] = (has.mean(), len(anchors),
+                              leakage.grouping_accuracy(groups[has], truth[has]),
+                              leakage.grouping_accuracy(bound[has], truth[has]))
+    (share, _, grouped, _), (fewer, anchors, still, bound) = found[0.0], found[0.3]
+    assert fewer < share - 0.15 and anchors >= 45
+    assert grouped > 0.75 and still > 0.5 and bound > 0.9
+
+
 def test_a_secret_head_is_estimated_from_moments_when_positions_are_known():
     # All tokens in grid order (no permutation): each position's token covariance is
     # W^T S_n W, and public patches give S_n. That pins W down, sign included, without the head.

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from configs import study_fashion
+from configs import base, study_fashion
 from experiments import study as comparison, study_tables as tables
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,6 +162,26 @@ def test_a_plan_takes_recorded_runs_of_the_same_fingerprint_only(tmp_path, capsy
     assert [(r["dir"], r["fingerprint"]) for r in records] == [("run0", "f0"), ("run1", "f1"),
                                                                 ("run2", "f2")]
     assert "run1 was made with another config" in capsys.readouterr().out
+
+
+def test_an_option_added_later_at_its_default_keeps_the_fingerprint(monkeypatch):
+    """Runs recorded before an option existed are taken after it is added at its default
+    (which changes no run); set to anything else, they run again."""
+    config = study_fashion.get_config()
+    run = comparison.plan(config)[0]
+    before = comparison.fingerprint(config, run, comparison.PLAN_KEYS)
+    defaults = base.get_config
+
+    def with_option():
+        c = defaults()
+        c.model.new_option = 0.25
+        return c
+
+    monkeypatch.setattr(base, "get_config", with_option)
+    config.model.new_option = 0.25
+    assert comparison.fingerprint(config, run, comparison.PLAN_KEYS) == before
+    config.model.new_option = 0.5
+    assert comparison.fingerprint(config, run, comparison.PLAN_KEYS) != before
 
 
 def test_a_fingerprint_ignores_which_runs_a_plan_holds_but_not_what_a_run_is():

@@ -128,6 +128,12 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
 CONSTANT_PATCHES = ("placed", "unplaced")  # ViTHead.constant_patches
 
 
+def blank_patches(patches: jax.Array, blank_range: float = 0.0) -> jax.Array:
+    """patches `[..., N, P]` -> `[..., N]` bool: the patch is blank, its values span at most
+    `blank_range` (0: all equal, such as blank background or a saturated area)."""
+    return jnp.max(patches, axis=-1) - jnp.min(patches, axis=-1) <= blank_range
+
+
 class ViTHead(nn.Module):
     """A site's head: tokens `t_i = W x_i + P_i` for all `N` patches of an image.
 
@@ -141,10 +147,15 @@ class ViTHead(nn.Module):
         True (image DINO's multi-crop): any height and width that are multiples of
         `patch_size`; the position grid is resized to the image's patch grid (bicubic, as
         DINO). The parameters are the same either way, so one set serves both heads.
-      constant_patches: "placed" (every token is `W x_i + P_i`) or "unplaced": a patch whose
-        values are all equal (blank background, a saturated area) gets `W x_i` alone, no
-        position. Placed, every blank patch at position i gives the same token, so the payload
-        shows which positions of each image are blank, whatever the head (docs/threat_model.md).
+      constant_patches: "placed" (every token is `W x_i + P_i`) or "unplaced": a blank patch
+        (`blank_patches`: values all equal, blank background, a saturated area, or within
+        `blank_range`) gets `W x_i` alone, no position. Placed, every blank patch at position
+        i gives the same token, so the payload shows which positions of each image are blank,
+        whatever the head (docs/threat_model.md).
+      blank_range: the widest span of a patch's values (in the units of the head's input,
+        normalised pixels) that still counts as blank; 0: only patches of equal values. Above
+        0, almost blank patches (a faint edge) are blank too, so no token sent with a position
+        sits next to its position's offset.
     """
     image_size: int
     patch_size: int
@@ -153,6 +164,7 @@ class ViTHead(nn.Module):
     dtype: jnp.dtype = jnp.float32
     interpolate_pos: bool = False
     constant_patches: str = "placed"
+    blank_range: float = 0.0
 
     @property
     def num_patches(self) -> int:
@@ -176,8 +188,8 @@ class ViTHead(nn.Module):
         grid = (images.shape[1] // self.patch_size, images.shape[2] // self.patch_size)
         pos = resize_pos_embed(pos, side, grid).astype(self.dtype)
         if self.constant_patches == "unplaced":
-            placed = jnp.max(patches, axis=-1) > jnp.min(patches, axis=-1)  # [B, N]
-            return tokens + jnp.where(placed[..., None], pos, 0)
+            blank = blank_patches(patches, self.blank_range)  # [B, N]
+            return tokens + jnp.where(blank[..., None], 0, pos)
         return tokens + pos
 
 
@@ -541,10 +553,12 @@ def token_width(config) -> int:
 
 def head_from_config(config) -> ViTHead:
     """The consortium's head for `config.data` images and `config.model`, making tokens of
-    width `token_width(config)`."""
+    width `token_width(config)`; `config.model.blank_range` is in [0, 1] pixels, the head's
+    in normalised ones (divided by `config.data.std`)."""
     return ViTHead(image_size=config.data.image_size, patch_size=config.model.patch_size,
                    dim=token_width(config), pos_std=config.model.pos_std,
-                   constant_patches=config.model.constant_patches)
+                   constant_patches=config.model.constant_patches,
+                   blank_range=config.model.blank_range / config.data.std)
 
 
 def body_from_config(config) -> ViTBody:
