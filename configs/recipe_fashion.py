@@ -8,8 +8,10 @@ depth, the number of local views and their keep (at the reference's compute: few
 for a costlier step, experiments/recipe.py), samples per image M, the teacher's momentum and
 temperature, the learning rate and its warm-up, the last layer's freeze. Probes of each
 teacher (linear and k-NN at 1% and 10% of the labels); the reference and the random bodies
-also fine-tuned at 1%. Writes results/recipe.{json,md,png}. CPU: about 8 minutes a setting
-on 2 cores; run it as a background job.
+also fine-tuned at 1%. Then the recipe chosen from them (`--config.recipe.chosen="<overrides>"`)
+on 3 seeds, each beside its random body and raw pixels, all fine-tuned. Writes
+results/recipe.{json,md,png}. CPU: about 12 minutes a setting on 2 cores; run it as a
+background job, in parts if need be (`deadline_minutes`, `resume_from` below).
 
 Variants: `:runlocal` (a minute a setting), `:tiny` (seconds; the tests' size: three
 settings on 256 images).
@@ -22,7 +24,8 @@ from configs import base, quickstart
 
 def _tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.recipe.update(settings=(("reference", ""), ("lecun", "model.init=lecun"),
-                              ("local4", "server.num_local=4")), equal_compute=("local4",))
+                              ("local4", "server.num_local=4")), equal_compute=("local4",),
+                    chosen="model.init=lecun server.num_local=4", chosen_seeds=(0, 1))
     return c
 
 
@@ -58,5 +61,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # A results/recipe.json whose runs of the same config are taken, not run again (a
         # recipe spread over machines or days); empty: none.
         resume_from="",
+        # The recipe chosen from the ablations (overrides of the reference, all at once) and
+        # the seeds it is confirmed on, each beside its random body and raw pixels; "": none
+        # chosen yet.
+        chosen="",
+        chosen_seeds=(0, 1, 2),
     )
     return base.apply_variants(c, arg, OWN, config=__file__)

@@ -38,7 +38,7 @@ from smsd_jax.layout import Layout
 
 # config.recipe keys that only say which runs the recipe holds or when it stops.
 PLAN_KEYS = tuple(f"recipe.{k}" for k in ("settings", "equal_compute", "deadline_minutes",
-                                           "resume_from"))
+                                           "resume_from", "chosen", "chosen_seeds"))
 
 
 def probes(config) -> list[tuple[str, str]]:
@@ -69,7 +69,10 @@ def setting(config, overrides: str, equal_compute: bool):
 def plan(config) -> list[dict]:
     """The recipe's runs, `{"kind", "name", "overrides", "dir"}`: the reference (`kind`
     "smsd"), raw pixels and the random body of its init, then each other setting, followed by
-    the random body of its init when no setting before it had that init."""
+    the random body of its init when no setting before it had that init; then, once one is
+    chosen (`config.recipe.chosen`), the chosen recipe at each of `config.recipe.chosen_seeds`
+    (each also with `"seed"` and `"chosen": True`) beside its random body and raw pixels of
+    that seed."""
     r = config.recipe
     names = [name for name, _ in r.settings]
     if len(set(names)) != len(names):
@@ -89,6 +92,16 @@ def plan(config) -> list[dict]:
             inits.add(init)
             runs.append(dict(kind="random", name=f"random body ({init} init)",
                              overrides=overrides, head_from=name, dir=f"random_{init}"))
+    if r.chosen:
+        init = frontier.setting_config(config, r.chosen).model.init
+        for seed in r.chosen_seeds:
+            runs += [dict(kind=kind, name=name, overrides=r.chosen if kind != "pixels" else "",
+                          dir=f"{folder}_seed{seed}", seed=int(seed), chosen=True)
+                     for kind, name, folder in (("smsd", "chosen", "chosen"),
+                                                ("random", f"random body ({init} init)",
+                                                 f"random_{init}"),
+                                                ("pixels", "raw pixels", "raw_pixels"))]
+            runs[-2]["head_from"] = runs[-3]["dir"]
     return runs
 
 
@@ -101,8 +114,14 @@ def _probes_only(c):
 
 def _execute(config, run: dict, root: Path, train, test) -> dict:
     r = config.recipe
-    base = study.seeded(config, r.seed, r.partition)
+    base = study.seeded(config, run.get("seed", r.seed), r.partition)
     c = setting(base, run["overrides"], run.get("equal_compute", False))
+    chosen = dict(seed=run["seed"], chosen=True, kind=run["kind"]) if run.get("chosen") else {}
+    return dict(_measure(c, run, root, train, test), **chosen)
+
+
+def _measure(c, run: dict, root: Path, train, test) -> dict:
+    """The record of one run of `plan` with its config `c`."""
     if run["kind"] == "pixels":
         return dict(name=run["name"], results=downstream.evaluate_pixels(c, train, test))
     if run["kind"] == "random":
@@ -113,8 +132,9 @@ def _execute(config, run: dict, root: Path, train, test) -> dict:
         results = downstream.evaluate_body(c, head_run.head, body, None, train_source=train,
                                            test_source=test, name=run["name"])
         return dict(name=run["name"], init=c.model.init, results=results)
-    reference = run["name"] == r.settings[0][0]
-    record = study.run_method(c if reference else _probes_only(c), "smsd", root / run["dir"],
+    reference = run["dir"] == c.recipe.settings[0][0]
+    tuned = reference or run.get("chosen", False)  # fine-tuned; the others probed only
+    record = study.run_method(c if tuned else _probes_only(c), "smsd", root / run["dir"],
                               train, test)
     record.update(name=run["name"], overrides=run["overrides"], init=c.model.init,
                   epochs=float(c.server.epochs), steps=int(record["cost"]["images_seen"]
@@ -137,8 +157,11 @@ def _cell(results: dict, probe: str, fraction: str) -> float:
 
 
 def summarise(config, records: list[dict]) -> dict:
-    """Each setting's accuracies, time and gain over the random body of its init."""
+    """Each setting's accuracies, time and gain over the random body of its init; the chosen
+    recipe's seeds (`chosen_summary`)."""
     frozen = probes(config)
+    chosen = chosen_summary(config, [r for r in records if r.get("chosen")])
+    records = [r for r in records if not r.get("chosen")]
     random = {r["init"]: r["results"] for r in records if r["name"].startswith("random body")}
     pixels = next((r["results"] for r in records if r["name"] == "raw pixels"), {})
     rows = []
@@ -163,7 +186,42 @@ def summarise(config, records: list[dict]) -> dict:
             **{f"finetune {f}": 100 * m["accuracy"] for f, m in res.get("finetune", {}).items()})
     return dict(seed=config.recipe.seed, partition=config.recipe.partition,
                 probes=[f"{p} {f}" for p, f in frozen],
-                reference=rows[0]["name"] if rows else None, rows=rows, baselines=baselines)
+                reference=rows[0]["name"] if rows else None, rows=rows, baselines=baselines,
+                chosen=chosen)
+
+
+def _accuracies(config, results: dict) -> dict:
+    """`{"linear 0.01": %, ..., "finetune 0.01": %}` of one run's results."""
+    return {f"{p} {f}": _cell(results, p, f) for p, f in probes(config)} | {
+        f"finetune {f}": 100 * m["accuracy"] for f, m in results.get("finetune", {}).items()}
+
+
+def chosen_summary(config, records: list[dict]) -> dict | None:
+    """The chosen recipe (`config.recipe.chosen`) on its seeds: per seed, its accuracies, its
+    random body's and raw pixels'; over the seeds done, each one's mean and standard
+    deviation, and of the gains (paired by seed) over the random body and raw pixels. None
+    before any of its runs."""
+    if not records:
+        return None
+    by_seed = {}
+    for r in records:
+        by_seed.setdefault(r["seed"], {})[r["kind"]] = _accuracies(config, r["results"])
+    seeds = sorted(s for s, kinds in by_seed.items() if len(kinds) == 3)
+
+    def spread(values: list[float]) -> dict:
+        return dict(mean=float(np.mean(values)), std=float(np.std(values, ddof=1))
+                    if len(values) > 1 else None)
+
+    def stats(kind: str, minus: str | None = None) -> dict:
+        first = by_seed[seeds[0]] if seeds else {}
+        keys = [k for k in first.get(kind, {}) if minus is None or k in first[minus]]
+        return {k: spread([by_seed[s][kind][k] - (by_seed[s][minus][k] if minus else 0.0)
+                           for s in seeds]) for k in keys}
+
+    return dict(overrides=config.recipe.chosen, seeds=seeds,
+                per_seed={str(s): by_seed[s] for s in sorted(by_seed)},
+                smsd=stats("smsd"), random=stats("random"), pixels=stats("pixels"),
+                gain_over_random=stats("smsd", "random"), gain_over_pixels=stats("smsd", "pixels"))
 
 
 def _num(value: float, sign: bool = False) -> str:
@@ -211,7 +269,27 @@ def markdown(summary: dict) -> str:
     lines += ["", "Accuracy (%) on the test images; 'min gain over random' is the smallest "
               "gain of the frozen probes over the random body of the same init; round min is "
               "the single round's wall time (sites and server) on this machine."]
+    if summary.get("chosen"):
+        lines += [""] + _chosen_markdown(summary["chosen"])
     return "\n".join(lines) + "\n"
+
+
+def _chosen_markdown(chosen: dict) -> list[str]:
+    """The chosen recipe's table: mean +/- standard deviation over its seeds."""
+    keys = list(chosen["smsd"])
+    cell = lambda s, sign=False: "-" if s is None else _num(s["mean"], sign) + (
+        "" if s["std"] is None else f" ± {s['std']:.1f}")
+    seeds = ", ".join(map(str, chosen["seeds"]))
+    lines = [f"## The chosen recipe, `{chosen['overrides']}`, on seeds {seeds}", "",
+             "| | " + " | ".join(_title(k) for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, part, sign in (("SMSD", "smsd", False), ("random body", "random", False),
+                             ("raw pixels", "pixels", False),
+                             ("gain over the random body", "gain_over_random", True),
+                             ("gain over raw pixels", "gain_over_pixels", True)):
+        lines.append(f"| {name} | " + " | ".join(cell(chosen[part].get(k), sign)
+                                                 for k in keys) + " |")
+    return lines + ["", "Mean ± standard deviation over the seeds (each seed: its own split, "
+                    "keys and labelled subsets); gains paired by seed."]
 
 
 def figure(summary: dict):

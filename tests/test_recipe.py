@@ -61,7 +61,28 @@ def test_a_costlier_step_gets_fewer_epochs_for_the_same_compute(run):
 
 def test_a_stopped_recipe_resumes_without_running_again(run):
     _, stdout = run
-    assert stdout.count("done before, kept") == 6  # 3 settings, raw pixels, 2 random bodies
+    # 3 settings, raw pixels, 2 random bodies; the chosen recipe's 2 seeds, 3 runs each
+    assert stdout.count("done before, kept") == 12
+
+
+def test_the_chosen_recipe_is_confirmed_on_its_seeds_beside_its_own_references(run):
+    workdir, _ = run
+    summary = json.loads((workdir / "results" / "recipe.json").read_text())
+    chosen = summary["chosen"]
+    assert chosen["seeds"] == [0, 1] and [r["name"] for r in summary["rows"]] == [
+        "reference", "lecun", "local4"]  # the seeds stay out of the ablations' table
+    per_seed = chosen["per_seed"]
+    fractions = recipe_fashion.get_config("tiny").downstream.finetune_fractions
+    tuned = {f"finetune {f:g}" for f in fractions}
+    for seed in ("0", "1"):
+        assert tuned <= set(per_seed[seed]["smsd"]) and tuned <= set(per_seed[seed]["random"])
+    # Seeds differ (own split, keys, labelled subsets), and the gains are paired by seed.
+    assert per_seed["0"]["smsd"] != per_seed["1"]["smsd"]
+    for key, gain in chosen["gain_over_random"].items():
+        pairs = [per_seed[s]["smsd"][key] - per_seed[s]["random"][key] for s in ("0", "1")]
+        assert gain["mean"] == pytest.approx(sum(pairs) / 2)
+    assert set(chosen["gain_over_pixels"]) == set(summary["probes"])  # pixels: no fine-tune
+    assert "## The chosen recipe" in (workdir / "results" / "recipe.md").read_text()
 
 
 def test_another_machine_takes_the_runs_that_the_results_record(run, tmp_path):
@@ -77,7 +98,7 @@ def test_another_machine_takes_the_runs_that_the_results_record(run, tmp_path):
         [sys.executable, "-m", "launch.main", "--config=configs/recipe_fashion.py:tiny",
          "--mode=recipe", f"--workdir={elsewhere}", f"--config.recipe.resume_from={path}"],
         cwd=ROOT, check=True, capture_output=True, text=True).stdout
-    assert out.count("done before, kept") == 5 and "random_dino ..." in out
+    assert out.count("done before, kept") == 11 and "random_dino ..." in out
     again = json.loads((elsewhere / "results" / "recipe.json").read_text())
     assert [r["probes"] for r in again["rows"]] == [r["probes"] for r in recorded["rows"]]
     head = lambda root: json.loads((Layout(root / "recipe" / "reference").head / "meta.json")
