@@ -95,13 +95,13 @@ def plan(config) -> list[dict]:
     if r.chosen:
         init = frontier.setting_config(config, r.chosen).model.init
         for seed in r.chosen_seeds:
-            runs += [dict(kind=kind, name=name, overrides=r.chosen if kind != "pixels" else "",
-                          dir=f"{folder}_seed{seed}", seed=int(seed), chosen=True)
-                     for kind, name, folder in (("smsd", "chosen", "chosen"),
-                                                ("random", f"random body ({init} init)",
-                                                 f"random_{init}"),
-                                                ("pixels", "raw pixels", "raw_pixels"))]
-            runs[-2]["head_from"] = runs[-3]["dir"]
+            tag = dict(seed=int(seed), chosen=True)
+            runs += [dict(kind="smsd", name="chosen", overrides=r.chosen,
+                          dir=f"chosen_seed{seed}", **tag),
+                     dict(kind="random", name=f"random body ({init} init)", overrides=r.chosen,
+                          head_from=f"chosen_seed{seed}", dir=f"random_{init}_seed{seed}", **tag),
+                     dict(kind="pixels", name="raw pixels", overrides="",
+                          dir=f"raw_pixels_seed{seed}", **tag)]
     return runs
 
 
@@ -181,9 +181,7 @@ def summarise(config, records: list[dict]) -> dict:
     baselines = {"raw pixels": {f"{p} {f}": _cell(pixels, p, f) for p, f in frozen}} \
         if pixels else {}
     for init, res in random.items():
-        baselines[f"random body ({init} init)"] = dict(
-            {f"{p} {f}": _cell(res, p, f) for p, f in frozen},
-            **{f"finetune {f}": 100 * m["accuracy"] for f, m in res.get("finetune", {}).items()})
+        baselines[f"random body ({init} init)"] = _accuracies(config, res)
     return dict(seed=config.recipe.seed, partition=config.recipe.partition,
                 probes=[f"{p} {f}" for p, f in frozen],
                 reference=rows[0]["name"] if rows else None, rows=rows, baselines=baselines,
@@ -208,14 +206,14 @@ def chosen_summary(config, records: list[dict]) -> dict | None:
         by_seed.setdefault(r["seed"], {})[r["kind"]] = _accuracies(config, r["results"])
     seeds = sorted(s for s, kinds in by_seed.items() if len(kinds) == 3)
 
-    def spread(values: list[float]) -> dict:
+    def mean_std(values: list[float]) -> dict:
         return dict(mean=float(np.mean(values)), std=float(np.std(values, ddof=1))
                     if len(values) > 1 else None)
 
     def stats(kind: str, minus: str | None = None) -> dict:
         first = by_seed[seeds[0]] if seeds else {}
         keys = [k for k in first.get(kind, {}) if minus is None or k in first[minus]]
-        return {k: spread([by_seed[s][kind][k] - (by_seed[s][minus][k] if minus else 0.0)
+        return {k: mean_std([by_seed[s][kind][k] - (by_seed[s][minus][k] if minus else 0.0)
                            for s in seeds]) for k in keys}
 
     return dict(overrides=config.recipe.chosen, seeds=seeds,
