@@ -45,6 +45,7 @@ def _runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.privacy.update(num_victim=300, num_public=600, cluster_tokens=4000, kmeans_iters=15)
     c.privacy.attacker.update(steps=200, hidden=128)
     c.privacy.moments.update(steps=300, refine_steps=60, rounds=2)
+    c.privacy.substitute.update(restarts=1, steps=300)
     return c
 
 
@@ -55,6 +56,7 @@ def _tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.privacy.sweeps = ml_collections.ConfigDict(dict(noise_std=(0.5,)))
     c.privacy.attacker.update(hidden=32, steps=30, batch_size=64)
     c.privacy.moments.update(steps=50, refine_steps=10, rounds=1)
+    c.privacy.substitute.update(restarts=1, steps=20, batch=128, directions=8)
     return c
 
 
@@ -85,6 +87,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # Head secret, moment matching (attacks.estimate_head): Adam steps for the first fit,
         # then `rounds` of renaming the groups and `refine_steps` more.
         moments=dict(steps=1000, refine_steps=200, rounds=3, lr=3e-2),
+        # Head secret, a substitute head fitted to the payload's token distribution
+        # (attacks.substitute_head, FORA-style): starts kept the best of, Adam steps, tokens
+        # per side and random projections a step.
+        substitute=dict(restarts=2, steps=1000, batch=1024, directions=64, lr=3e-3),
         prior_ridge=1e-2,          # added to the public patch covariance (normalised pixels)
         cluster_tokens=20000,      # tokens k-means sees per payload
         kmeans_iters=30,

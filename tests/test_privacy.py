@@ -337,6 +337,39 @@ def test_unplacing_almost_blank_patches_too_leaves_positions_grouped():
     assert grouped > 0.75 and still > 0.5 and bound > 0.9
 
 
+@pytest.mark.slow
+def test_a_substitute_head_fitted_to_the_token_cloud_groups_positions_it_was_never_told():
+    # FORA-style: a linear head fitted so that public patches' tokens match the payload's in
+    # distribution, then used as the head. It sees no pairing of token and position, so what
+    # it groups comes from the position offsets it found: the same attack on a head without
+    # position embedding (content alone) groups near chance.
+    victims = _augmented(_images("train", 600))
+    head, params = _head(16, 1)
+    public = _patches(_augmented(_images("test", 1000), 1)[::2])
+    sends = public.max(-1) > public.min(-1)  # blanks unplaced: a site sends them unplaced
+    prior = attacks.fit_patch_prior(public)
+    grouped = {}
+    for with_positions in (True, False):
+        weights = jax.tree.map(np.asarray, params)
+        if not with_positions:
+            weights["pos_embed"] = np.zeros_like(weights["pos_embed"])
+        tokens = head.clone(constant_patches="unplaced").apply(
+            {"params": weights}, (victims - MEAN) / STD)
+        sent, positions = (np.asarray(a) for a in ops.encrypt(
+            jax.random.key(3), jnp.asarray(tokens, jnp.float16).astype(jnp.float32), 0.5))
+        s, k, _ = sent.shape
+        flat, truth = sent.reshape(-1, 16), positions.reshape(-1)
+        _, unplaced = attacks.blank_tokens(flat, np.repeat(np.arange(s), k), s)
+        kernel, offsets, loss = attacks.substitute_head(
+            jax.random.key(0), flat[~unplaced], public[sends], np.nonzero(sends)[1], N,
+            restarts=1, steps=600)
+        assert kernel.shape == (P, 16) and offsets.shape == (N, 16) and np.isfinite(loss)
+        scores = attacks.gaussian_scores(attacks.linear_gaussian(kernel, offsets, prior),
+                                         flat[~unplaced])
+        grouped[with_positions] = leakage.grouping_accuracy(scores.argmax(-1), truth[~unplaced])
+    assert grouped[True] > 6 * CHANCE and grouped[True] > 2 * grouped[False]
+
+
 def test_a_secret_head_is_estimated_from_moments_when_positions_are_known():
     # All tokens in grid order (no permutation): each position's token covariance is
     # W^T S_n W, and public patches give S_n. That pins W down, sign included, without the head.

@@ -24,7 +24,9 @@ What it knows of the head decides the attack:
   With blanks unplaced, each sample's blank token (on one line through the origin) gives
   its background, which is subtracted first (`blank_tokens`); then every placed token is
   grouped by position as a mixture of one content distribution shifted to each position
-  (`shifted_mixture`), the strongest grouping here.
+  (`shifted_mixture`), the strongest grouping here. In the manner of FORA (CVPR 2024), a
+  substitute head is fitted on public patches so that its tokens match the payload's in
+  distribution, then used as if it were the head (`substitute_head`).
 
 `assign_positions` turns per-token scores into positions using what the server knows of the
 order (shuffled, sorted, or one permutation reused by a site). `assemble_images` rebuilds an
@@ -846,3 +848,91 @@ def shifted_mixture(tokens, anchors, num_groups: int, iters: int = 10,
             if np.any(groups == j):
                 shifts[j] = tokens[groups == j].mean(0) - mean
     return groups, d2
+
+
+
+# ------------------------------------------ a substitute head (FORA-style learned inversion)
+
+
+def _sliced_w2(key: jax.Array, a: jax.Array, b: jax.Array, directions: int) -> jax.Array:
+    """Sliced Wasserstein-2 distance between two equal-sized point sets `[B, D]`: the mean
+    squared gap between their sorted projections on `directions` random unit vectors."""
+    dirs = jax.random.normal(key, (a.shape[1], directions))
+    dirs = dirs / jnp.linalg.norm(dirs, axis=0)
+    return jnp.mean((jnp.sort(a @ dirs, axis=0) - jnp.sort(b @ dirs, axis=0)) ** 2)
+
+
+@functools.partial(jax.jit, static_argnames=("num_positions", "steps", "batch", "directions",
+                                             "lr"))
+def _fit_substitute(key: jax.Array, tokens: jax.Array, patches: jax.Array,
+                    positions: jax.Array, noise_std: float, *, num_positions: int, steps: int,
+                    batch: int, directions: int, lr: float) -> tuple[tuple, jax.Array]:
+    """One start of `substitute_head`: `((W [P, D], offsets [N, D]), final loss)`, Adam with
+    a cosine learning rate; the loss at the end is measured on a fresh draw of 8 batches."""
+    dim, pdim = tokens.shape[1], patches.shape[1]
+    k_w, k_o, k_fit, k_end = jax.random.split(key, 4)
+    spread = jnp.sqrt(jnp.mean(jnp.sum((tokens - tokens.mean(0)) ** 2, -1)))
+    w = spread * jax.random.normal(k_w, (pdim, dim)) / jnp.sqrt(
+        jnp.sum(jnp.mean(patches ** 2, 0)) * dim)
+    o = tokens.mean(0) + 0.5 * spread / jnp.sqrt(dim) * jax.random.normal(
+        k_o, (num_positions, dim))
+    tx = optax.adam(optax.cosine_decay_schedule(lr * spread, steps))
+
+    def loss(params, k):
+        k_t, k_p, k_e, k_d = jax.random.split(k, 4)
+        t = tokens[jax.random.randint(k_t, (batch,), 0, tokens.shape[0])]
+        j = jax.random.randint(k_p, (batch,), 0, patches.shape[0])
+        fake = patches[j] @ params[0] + params[1][positions[j]]
+        return _sliced_w2(k_d, t, fake + noise_std * jax.random.normal(k_e, fake.shape),
+                          directions)
+
+    def step(carry, k):
+        params, opt_state = carry
+        grad = jax.grad(loss)(params, k)
+        updates, opt_state = tx.update(grad, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), None
+
+    (params, _), _ = jax.lax.scan(step, ((w, o), tx.init((w, o))), jax.random.split(k_fit, steps))
+    end = jax.vmap(lambda k: loss(params, k))(jax.random.split(k_end, 8)).mean()
+    return params, end / spread ** 2
+
+
+def substitute_head(key: jax.Array, tokens, patches, positions, num_positions: int,
+                    noise_std: float = 0.0, *, restarts: int = 2, steps: int = 1000,
+                    batch: int = 1024,
+                    directions: int = 64, lr: float = 3e-3) -> tuple[np.ndarray, np.ndarray,
+                                                                     float]:
+    """Head secret, in the manner of FORA (CVPR 2024): a substitute head learned on public
+    data so that its tokens look like the payload's, then inverted as if it were public.
+
+    The substitute is a linear head `t = x W' + o'_n` (the sites' own form, which the code
+    says); it is fitted so that the tokens of public patches at their positions match the
+    payload's tokens in distribution (sliced Wasserstein, `directions` random projections a
+    step; the sites' token noise, of std `noise_std`, added to the substitute's), from
+    `restarts` random starts, keeping the one that matches best. Nothing ties a token to its
+    position or patch: only the two clouds are compared, which is all a server holds. Feed
+    the result to `linear_gaussian`: its scores group and name positions, and its posterior
+    mean is the inverter (the best linear one under the public prior).
+
+    Args:
+      key: draws the starts.
+      tokens: `[T, D]` the payload's tokens that carry a position (blanks sent without one
+        left out: `blank_tokens`).
+      patches: `[Q, P]` public patches (normalised, augmented as the sites do) that a site
+        would send with a position; positions: `[Q]` theirs.
+
+    Returns:
+      `(W' [P, D], offsets [N, D], relative loss of the start kept)`.
+    """
+    tokens = jnp.asarray(tokens, jnp.float32)
+    if tokens.ndim != 2 or len(tokens) < 2:
+        raise SMSDError(f"tokens of shape {tokens.shape}: expected [T >= 2, D]")
+    best = None
+    for k in jax.random.split(key, restarts):
+        (w, o), end = _fit_substitute(
+            k, tokens, jnp.asarray(patches, jnp.float32), jnp.asarray(positions), noise_std,
+            num_positions=num_positions, steps=steps, batch=batch, directions=directions,
+            lr=lr)
+        if best is None or float(end) < best[2]:
+            best = (np.asarray(w, np.float64), np.asarray(o, np.float64), float(end))
+    return best
