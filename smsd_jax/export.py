@@ -24,13 +24,14 @@ def save_body(path: str | Path, body: models.ViTBody, params, **meta) -> None:
 
     A body with a stem adds `token_dim` to the meta, and one with per-site stems
     `site_stems`; without them the meta is as it was before stems existed (a missing field
-    reads as 0).
+    reads as 0). `weight_init` is recorded so that a site's random body (the baseline of
+    stage 3) is initialised as the trained one was.
     """
     stem = dict(token_dim=body.token_dim) if body.token_dim else {}
     stem |= dict(site_stems=body.site_stems) if body.site_stems else {}
     artifacts.save_artifact(path, params, dict(
         meta, format=FORMAT, dim=body.dim, depth=body.depth, heads=body.heads,
-        mlp_ratio=body.mlp_ratio, **stem))
+        mlp_ratio=body.mlp_ratio, weight_init=body.weight_init, **stem))
 
 
 def load_body(path: str | Path) -> tuple[models.ViTBody, dict, dict]:
@@ -41,7 +42,8 @@ def load_body(path: str | Path) -> tuple[models.ViTBody, dict, dict]:
                         f"expected {FORMAT!r}); use the server's export folder")
     body = models.ViTBody(dim=meta["dim"], depth=meta["depth"], heads=meta["heads"],
                           mlp_ratio=meta["mlp_ratio"], token_dim=meta.get("token_dim", 0),
-                          site_stems=meta.get("site_stems", 0))
+                          site_stems=meta.get("site_stems", 0),
+                          weight_init=meta.get("weight_init", "dino"))  # older exports: DINO's
     return body, params, meta
 
 

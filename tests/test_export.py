@@ -176,6 +176,21 @@ def test_body_export_keeps_its_stem(tmp_path):
     assert "token_dim" not in meta and body.token_dim == 0
 
 
+def test_body_export_keeps_its_init_so_the_random_baseline_matches(tmp_path):
+    # Stage 3's random body is the loaded body initialised afresh: it must start as the
+    # trained one did (lecun-normal here), not as the module's default (DINO's).
+    body = models.ViTBody(**SIZE, weight_init="lecun")
+    tokens = np.zeros((1, 4, SIZE["dim"]), np.float32)
+    params = body.init(jax.random.key(0), tokens)["params"]
+    export.save_body(tmp_path / "body", body, params, step=0)
+    loaded, _, meta = export.load_body(tmp_path / "body")
+    assert meta["weight_init"] == loaded.weight_init == "lecun"
+    fresh = loaded.init(jax.random.key(0), tokens)["params"]
+    jax.tree.map(np.testing.assert_array_equal, fresh, jax.device_get(params))
+    dino = models.ViTBody(**SIZE).init(jax.random.key(0), tokens)["params"]
+    assert not np.allclose(fresh["block0"]["fc1"]["kernel"], dino["block0"]["fc1"]["kernel"])
+
+
 def test_export_replaces_a_file_whole_and_leaves_no_temporary_file(model, tmp_path):
     net, params = model
     path = tmp_path / "vit.npz"
