@@ -61,16 +61,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         partition="dirichlet",
         # (name, overrides): one point each; the first is the reference the others are read
         # against.
+        # In the order they run (a frontier stopped part-way holds the first): the reference,
+        # the default, the defences, then the head's width.
         settings=(
             ("d128", ""),
-            ("d16", "model.head_dim=16"),
-            ("d8", "model.head_dim=8"),
-            ("d32", "model.head_dim=32"),
-            # The defence against blank-patch anchors (docs/threat_model.md).
+            # The defence against blank-patch anchors (docs/threat_model.md): the default.
             ("d16_unplaced", "model.head_dim=16 model.constant_patches=unplaced"),
-            ("d16_noise0.5", "model.head_dim=16 site.token_noise=0.5"),
-            ("d16_keep0.25", "model.head_dim=16 site.keep=0.25"),
             ("d16_pos0.1", "model.head_dim=16 model.pos_std=0.1"),
+            ("d16_noise0.5", "model.head_dim=16 site.token_noise=0.5"),
             # Clip 4 is about a D-16 token's norm; multiplier 7: epsilon 9.9 at delta 1e-5.
             ("d16_dp_eps9.9", "model.head_dim=16 site.dp_clip=4.0 site.dp_noise_multiplier=7.0"),
             # Beyond the blanks: faint patches (values within 0.3) unplaced too; no position
@@ -78,6 +76,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             ("d16_blank0.3", "model.head_dim=16 model.constant_patches=unplaced "
                              "model.blank_range=0.3"),
             ("d16_nopos", "model.head_dim=16 model.pos_std=0.0"),
+            ("d16_keep0.25", "model.head_dim=16 site.keep=0.25"),
+            ("d16", "model.head_dim=16"),
+            ("d8", "model.head_dim=8"),
+            ("d32", "model.head_dim=32"),
         ),
         deadline_minutes=0.0,  # > 0: start no setting after this long (the next call resumes)
         # A results/frontier.json whose settings of the same config are taken, not run again
