@@ -850,7 +850,6 @@ def shifted_mixture(tokens, anchors, num_groups: int, iters: int = 10,
     return groups, d2
 
 
-
 # ------------------------------------------ a substitute head (FORA-style learned inversion)
 
 
